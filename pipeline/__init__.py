@@ -1,0 +1,1 @@
+"""animeface-vae: scrape -> crop -> pack -> train -> sample / evaluate. One module per stage."""

@@ -1,0 +1,212 @@
+"""Stage 2: find anime faces with lbpcascade_animeface and save them as square PNG tiles.
+
+${crop.input_dir}/**/*.{jpg,png,gif,webp,...} -> ${crop.output_dir}/<source>_<k>.png + manifest.jsonl
+Sources already handled (listed in sources.jsonl) are skipped on a rerun.
+"""
+import hashlib
+import logging
+import os
+import re
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import hydra
+import numpy as np
+import requests
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.io import JsonlLog, atomic_save, atomic_write_bytes, read_jsonl
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
+
+
+class CropError(RuntimeError):
+    pass
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def resolve_cascade(cfg) -> Path:
+    """Local path to the cascade XML: `cfg.cascade` itself, or the URL downloaded once and verified."""
+    source = str(cfg.cascade)
+    if not source.startswith(("http://", "https://")):
+        path = Path(source)
+        if not path.is_file():
+            raise CropError(f"crop.cascade={source} does not exist; pass the path of "
+                            "lbpcascade_animeface.xml or leave crop.cascade at its upstream URL")
+        return path
+    path = Path(cfg.cascade_cache_dir) / Path(source).name
+    if path.is_file() and sha256_of(path) == cfg.cascade_sha256:
+        return path
+    log.info("downloading the cascade from %s", source)
+    try:
+        resp = requests.get(source, timeout=60)
+        resp.raise_for_status()
+    except requests.RequestException as err:
+        raise CropError(f"could not download the cascade from {source} ({err}); offline, pass a "
+                        "local copy: crop.cascade=/path/to/lbpcascade_animeface.xml") from err
+    digest = hashlib.sha256(resp.content).hexdigest()
+    if digest != cfg.cascade_sha256:
+        raise CropError(f"the cascade from {source} has sha256 {digest}, expected "
+                        f"{cfg.cascade_sha256}; nothing was saved. Check crop.cascade and crop.cascade_sha256")
+    atomic_write_bytes(path, resp.content)
+    return path
+
+
+def load_cascade(path) -> cv2.CascadeClassifier:
+    cascade = cv2.CascadeClassifier(str(path))
+    if cascade.empty():
+        raise CropError(f"{path} is not a valid OpenCV cascade (empty or corrupt XML); "
+                        "get lbpcascade_animeface.xml again or point crop.cascade at the upstream URL")
+    return cascade
+
+
+def load_image(path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """H x W x 3 uint8 RGB of any still image (first frame of a GIF) and its H x W alpha, if any."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise ValueError(f"{img.width}x{img.height} is over crop.max_pixels={max_pixels}")
+            img.seek(0)
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                rgba = np.asarray(img.convert("RGBA"))
+                return np.ascontiguousarray(rgba[..., :3]), rgba[..., 3]
+            return np.asarray(img.convert("RGB")), None
+
+
+def on_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """Composite over white, so transparent areas show as background rather than hidden colours."""
+    if alpha is None:
+        return rgb
+    a = alpha[..., None].astype(np.float32) / 255
+    return np.round(rgb * a + 255 * (1 - a)).astype(np.uint8)
+
+
+def load_rgb(path, max_pixels: int) -> np.ndarray:
+    return on_white(*load_image(path, max_pixels))
+
+
+def detect_faces(cascade, rgb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (x, y, w, h) and neighbour counts, exactly as the upstream example detects them."""
+    grey = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    boxes, neighbours = cascade.detectMultiScale2(
+        grey, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
+        minSize=(cfg.min_size, cfg.min_size))
+    return np.asarray(boxes, dtype=int).reshape(-1, 4), np.asarray(neighbours, dtype=int).reshape(-1)
+
+
+def square_crop_box(box, margin: float, width: int, height: int) -> tuple[int, int, int]:
+    """(x, y, side) of a square around `box` grown by `margin`, moved inside the image (and shrunk if needed)."""
+    x, y, w, h = box
+    side = min(int(round(max(w, h) * (1 + 2 * margin))), width, height)
+    cx, cy = x + w / 2, y + h / 2
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    return left, top, side
+
+
+def tile_stem(source: Path, input_dir: Path) -> str:
+    rel = source.relative_to(input_dir).with_suffix("").as_posix()
+    return re.sub(r"[^\w.-]+", "_", rel)
+
+
+_worker = {}
+
+
+def _init_worker(cascade_path: str) -> None:
+    cv2.setNumThreads(1)
+    _worker["cascade"] = load_cascade(cascade_path)
+
+
+def crop_one(source: Path, cfg, input_dir: Path, output_dir: Path) -> dict:
+    """Detect, crop and save the faces of one image; returns its sources.jsonl row with the tiles."""
+    rel = source.relative_to(input_dir).as_posix()
+    row = {"source": rel, "bytes": source.stat().st_size, "tiles": []}
+    try:
+        rgb, alpha = load_image(source, cfg.max_pixels)
+    except Exception as err:  # any undecodable file is skipped with its reason; the run goes on
+        return {**row, "status": "skipped", "reason": f"{type(err).__name__}: {err}"}
+    # detect on the stored colours, as upstream's cv2.imread does; cut tiles from the composited image
+    boxes, neighbours = detect_faces(_worker["cascade"], rgb, cfg)
+    rgb = on_white(rgb, alpha)
+    height, width = rgb.shape[:2]
+    for k, (box, n) in enumerate(zip(boxes, neighbours)):
+        left, top, side = square_crop_box(box, cfg.margin, width, height)
+        tile = cv2.resize(rgb[top:top + side, left:left + side], (cfg.size, cfg.size),
+                          interpolation=cv2.INTER_AREA)
+        name = f"{tile_stem(source, input_dir)}_{k}.png"
+        atomic_save(output_dir / name, partial(_save_png, tile))
+        row["tiles"].append({"tile": name, "box": [int(v) for v in box], "crop": [left, top, side],
+                             "neighbours": int(n)})
+    return {**row, "status": "ok", "faces": len(row["tiles"])}
+
+
+def _save_png(rgb: np.ndarray, path: str) -> None:
+    Image.fromarray(rgb).save(path, format="PNG")
+
+
+def find_images(input_dir: Path) -> list[Path]:
+    return sorted(p for p in input_dir.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
+
+
+def source_urls(input_dir: Path) -> dict[str, str]:
+    """file -> URL from the scraper's index, when the input folder is the scraper's."""
+    return {row["file"]: row["url"] for row in read_jsonl(input_dir / "index.jsonl")
+            if row.get("kind") == "image" and row.get("status") == "ok"}
+
+
+def crop(cfg: DictConfig) -> dict:
+    cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True))  # cheap to send to workers
+    input_dir, output_dir = Path(cfg.input_dir), Path(cfg.output_dir)
+    if not input_dir.is_dir():
+        raise CropError(f"crop.input_dir={input_dir} is not a folder; run `make data` (scrape) first "
+                        "or point crop.input_dir at a folder of images")
+    cascade_path = resolve_cascade(cfg)
+    load_cascade(cascade_path)  # fail here, once, rather than in every worker
+    output_dir.mkdir(parents=True, exist_ok=True)
+    done = {(r["source"], r["bytes"]) for r in read_jsonl(output_dir / "sources.jsonl")}
+    todo = [p for p in find_images(input_dir)
+            if (p.relative_to(input_dir).as_posix(), p.stat().st_size) not in done]
+    urls = source_urls(input_dir)
+    workers = cfg.workers or os.cpu_count()
+    log.info("cropping %d new images from %s (%d done before) with %d processes",
+             len(todo), input_dir, len(done), workers)
+    totals = {"images": 0, "faces": 0, "skipped": 0}
+    with JsonlLog(output_dir / "manifest.jsonl") as manifest, \
+            JsonlLog(output_dir / "sources.jsonl") as sources, \
+            ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(cascade_path),)) as pool:
+        job = partial(crop_one, cfg=cfg, input_dir=input_dir, output_dir=output_dir)
+        for row in tqdm(pool.map(job, todo, chunksize=4), total=len(todo), desc="crop", unit="img"):
+            for tile in row.pop("tiles"):
+                manifest.append({**tile, "source": row["source"], "url": urls.get(row["source"])})
+            sources.append(row)
+            totals["images"] += 1
+            totals["faces"] += row.get("faces", 0)
+            if row["status"] == "skipped":
+                totals["skipped"] += 1
+                log.warning("skipped %s: %s", row["source"], row["reason"])
+    log.info("crop done: %d images, %d faces, %d unreadable images skipped -> %s",
+             totals["images"], totals["faces"], totals["skipped"], output_dir)
+    return totals
+
+
+@hydra.main(config_path="../conf", config_name="crop", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    crop(cfg.crop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Small file helpers every stage shares: atomic writes and append-only JSON-lines logs."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` so that `path` either holds all of it or is untouched (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(path, save_fn) -> None:
+    """Call `save_fn(tmp_path)` to write a file, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a JSON-lines file; a torn last line (the writer was killed mid-line) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON; fix or delete that line") from None
+    return rows
+
+
+class JsonlLog:
+    """Append-only JSON-lines file, flushed and fsynced per row so a kill loses at most one row."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_torn_line()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _drop_torn_line(self):
+        """A writer killed mid-row leaves a line without its newline: cut it before appending."""
+        if not self.path.exists() or not self.path.stat().st_size:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(self.path, "rb+") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

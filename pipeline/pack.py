@@ -1,0 +1,142 @@
+"""Stage 3: deduplicate face tiles, split them train/test and pack each split into one uint8 array.
+
+${pack.faces_dir}/**/*.{png,jpg,...} -> ${pack.train_file}, ${pack.test_file} (N x 3 x size x size uint8)
+plus splits.json beside them (which file went where, and what was dropped).
+"""
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from pipeline.crop import IMAGE_SUFFIXES, load_rgb
+from pipeline.io import atomic_save, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+class PackError(RuntimeError):
+    pass
+
+
+def load_tile(path: Path, size: int) -> np.ndarray | None:
+    """3 x size x size uint8, or None for a file that cannot be decoded."""
+    try:
+        rgb = load_rgb(path, max_pixels=Image.MAX_IMAGE_PIXELS or 2 ** 31)
+    except Exception as err:  # a broken tile is reported and left out; the others still pack
+        log.warning("skipping %s: %s", path, err)
+        return None
+    if rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def dhash(tiles: np.ndarray) -> np.ndarray:
+    """64-bit difference hash per tile (grey 9x8, is each pixel brighter than its left neighbour)."""
+    grey = tiles.astype(np.float32).mean(axis=1)
+    small = np.stack([cv2.resize(g, (9, 8), interpolation=cv2.INTER_AREA) for g in grey])
+    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(tiles), 64)
+    return np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64)
+
+
+def near_duplicate_groups(hashes: np.ndarray, max_bits: int, chunk: int = 1024) -> np.ndarray:
+    """Group label per hash: hashes within `max_bits` Hamming distance share a group (transitively)."""
+    parent = np.arange(len(hashes))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if max_bits >= 0:
+        for start in range(0, len(hashes), chunk):
+            block = hashes[start:start + chunk, None] ^ hashes[None, :]
+            rows, cols = np.nonzero(np.bitwise_count(block) <= max_bits)
+            for i, j in zip(rows + start, cols):
+                if i < j:
+                    a, b = root(i), root(j)
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+    return np.array([root(i) for i in range(len(hashes))])
+
+
+def is_test_group(key: str, test_fraction: float) -> bool:
+    """Deterministic, order-free split: a group's content hash decides its side."""
+    return int(key[:12], 16) / 16 ** 12 < test_fraction
+
+
+def save_array(path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    atomic_save(path, write)
+
+
+def pack(cfg: DictConfig) -> dict:
+    faces_dir = Path(cfg.faces_dir)
+    files = sorted(p for p in faces_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise PackError(f"no face tiles in pack.faces_dir={faces_dir}; run the crop stage "
+                        "(python -m pipeline.crop) or point pack.faces_dir at a folder of face images")
+    if not 0 <= cfg.test_fraction < 1:
+        raise PackError(f"pack.test_fraction={cfg.test_fraction} must be in [0, 1)")
+    with ThreadPoolExecutor() as pool:
+        loaded = list(pool.map(lambda p: load_tile(p, cfg.size), files))
+    kept = [(f, t) for f, t in zip(files, loaded) if t is not None]
+    unreadable = len(files) - len(kept)
+
+    unique, names, digests, seen = [], [], [], set()
+    for path, tile in kept:
+        digest = hashlib.sha1(tile.tobytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(tile)
+            names.append(path.relative_to(faces_dir).as_posix())
+            digests.append(digest)
+    if not unique:
+        raise PackError(f"none of the {len(files)} files in {faces_dir} could be decoded as an image")
+    tiles = np.stack(unique)
+    groups = near_duplicate_groups(dhash(tiles), cfg.near_dup_bits)
+    group_key = {}
+    for g, digest in zip(groups, digests):
+        group_key[g] = min(group_key.get(g, digest), digest)
+    keep = np.ones(len(tiles), bool)
+    if cfg.drop_near_duplicates:
+        keep[:] = False
+        keep[np.unique(groups, return_index=True)[1]] = True
+    test = np.array([is_test_group(group_key[g], cfg.test_fraction) for g in groups])
+    train_idx, test_idx = np.nonzero(keep & ~test)[0], np.nonzero(keep & test)[0]
+
+    save_array(cfg.train_file, tiles[train_idx])
+    save_array(cfg.test_file, tiles[test_idx])
+    summary = {
+        "faces_dir": str(faces_dir), "files": len(files), "unreadable": unreadable,
+        "exact_duplicates": len(kept) - len(tiles), "unique": len(tiles),
+        "near_duplicate_groups": int(len(np.unique(groups))),
+        "near_duplicates_dropped": int((~keep).sum()), "train": len(train_idx), "test": len(test_idx),
+        "train_files": [names[i] for i in train_idx], "test_files": [names[i] for i in test_idx],
+    }
+    splits_path = Path(cfg.train_file).parent / "splits.json"
+    atomic_write_bytes(splits_path, json.dumps(summary, ensure_ascii=False).encode())
+    log.info("pack done: %d files, %d unreadable, %d exact duplicates removed, %d unique "
+             "(%d near-duplicate groups, %d dropped) -> train %d %s, test %d %s",
+             len(files), unreadable, summary["exact_duplicates"], len(tiles),
+             summary["near_duplicate_groups"], summary["near_duplicates_dropped"],
+             len(train_idx), cfg.train_file, len(test_idx), cfg.test_file)
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="pack", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    pack(cfg.pack)
+
+
+if __name__ == "__main__":
+    main()
