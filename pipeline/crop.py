@@ -5,6 +5,7 @@ Sources already handled (listed in sources.jsonl) are skipped on a rerun.
 """
 import hashlib
 import logging
+import multiprocessing
 import os
 import re
 import warnings
@@ -64,8 +65,11 @@ def resolve_cascade(cfg) -> Path:
 
 
 def load_cascade(path) -> cv2.CascadeClassifier:
-    cascade = cv2.CascadeClassifier(str(path))
-    if cascade.empty():
+    try:
+        cascade = cv2.CascadeClassifier(str(path))
+    except (cv2.error, SystemError):  # OpenCV raises on some malformed XML instead of returning empty
+        cascade = None
+    if cascade is None or cascade.empty():
         raise CropError(f"{path} is not a valid OpenCV cascade (empty or corrupt XML); "
                         "get lbpcascade_animeface.xml again or point crop.cascade at the upstream URL")
     return cascade
@@ -118,8 +122,10 @@ def square_crop_box(box, margin: float, width: int, height: int) -> tuple[int, i
 
 
 def tile_stem(source: Path, input_dir: Path) -> str:
-    rel = source.relative_to(input_dir).with_suffix("").as_posix()
-    return re.sub(r"[^\w.-]+", "_", rel)
+    """Readable and unique per source (a.jpg and a.png, or "a b" and "a_b", must not collide)."""
+    rel = source.relative_to(input_dir).as_posix()
+    readable = re.sub(r"[^\w-]+", "_", str(Path(rel).with_suffix("")))
+    return f"{readable}_{hashlib.sha1(rel.encode()).hexdigest()[:6]}"
 
 
 _worker = {}
@@ -187,7 +193,8 @@ def crop(cfg: DictConfig) -> dict:
     totals = {"images": 0, "faces": 0, "skipped": 0}
     with JsonlLog(output_dir / "manifest.jsonl") as manifest, \
             JsonlLog(output_dir / "sources.jsonl") as sources, \
-            ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(cascade_path),)) as pool:
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                initializer=_init_worker, initargs=(str(cascade_path),)) as pool:
         job = partial(crop_one, cfg=cfg, input_dir=input_dir, output_dir=output_dir)
         for row in tqdm(pool.map(job, todo, chunksize=4), total=len(todo), desc="crop", unit="img"):
             for tile in row.pop("tiles"):

@@ -1,0 +1,94 @@
+from omegaconf import OmegaConf
+import pytest
+
+from pipeline.io import read_jsonl
+from pipeline.scrape import ScrapeError, month_range, parse_month_list, parse_product_page, scrape
+from tests.getchu_site import MONTH_DIR, GetchuSite, product_page
+
+CONF = OmegaConf.load("conf/scrape/default.yaml")
+
+
+def scrape_cfg(site, tmp_path, **overrides):
+    cfg = OmegaConf.merge(CONF, {"base_url": site.url, "start": "2015-05", "end": "2015-05", "delay": 0,
+                                 "timeout": 1, "backoff": 0.05, "raw_dir": str(tmp_path / "raw")}, overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("month, count", [("2014_12", 91), ("2015_01", 60), ("2015_02", 51),
+                                          ("2015_03", 75), ("2015_04", 33), ("2015_05", 30)])
+def test_real_month_pages_list_their_products(month, count):
+    html = (MONTH_DIR / f"{month}.html").read_bytes().decode("euc_jp", errors="replace")
+    products = parse_month_list(html, "https://www.getchu.com/all/month_title.html?genre=pc_soft")
+    assert len(products) == count
+    first = products[0]
+    assert first["url"] == f"https://www.getchu.com/soft.phtml?id={first['id']}"  # trailing space gone
+    assert first["title"]
+
+
+def test_product_page_yields_only_character_images():
+    html = product_page("846113", "t", [(1, '<IMG src="./brandnew/846113/c846113chara1.jpg " alt="キャラ1">'),
+                                        (3, '<img src="../brandnew/846113/c846113chara3.jpg">')])
+    page = parse_product_page(html.decode("euc_jp"), "https://www.getchu.com/soft.phtml?id=846113")
+    assert page["title"] == "t"
+    assert page["images"] == ["https://www.getchu.com/brandnew/846113/c846113chara1.jpg",
+                              "https://www.getchu.com/brandnew/846113/c846113chara3.jpg"]
+
+
+def test_month_range_and_its_errors():
+    assert month_range("2014-11", "2015-02") == [(2014, 11), (2014, 12), (2015, 1), (2015, 2)]
+    with pytest.raises(ScrapeError, match="scrape.start='2015-13'"):
+        month_range("2015-13", "2015-12")
+    with pytest.raises(ScrapeError, match="comes after"):
+        month_range("2015-02", "2015-01")
+
+
+def test_scrape_handles_every_fault_and_second_run_requests_nothing(tmp_path):
+    with GetchuSite() as site:
+        counts = scrape(scrape_cfg(site, tmp_path))
+        rows = {r["url"].removeprefix(site.url): r for r in read_jsonl(tmp_path / "raw" / "index.jsonl")}
+        for path, source in site.expected_files.items():
+            row = rows[path]
+            assert row["status"] == "ok", row
+            assert (tmp_path / "raw" / row["file"]).read_bytes() == source.read_bytes()
+        reasons = {site.faulty[p]: rows[p].get("reason") for p in site.faulty}
+        assert reasons["placeholder"] == "placeholder" and reasons["not_image"] == "not_image"
+        offsite = [r for r in rows.values() if r.get("reason") == "offsite"]
+        assert len(offsite) == 1 and site.other.hits == 0
+        # never asked for package, sample or charab images
+        assert all("chara" in p and "charab" not in p for p in site.requests if p.startswith("/brandnew/"))
+        assert all(h.get("Referer", "").startswith(site.url + "/soft.phtml") for p, h in site.log
+                   if p.startswith("/brandnew/"))
+        assert not list((tmp_path / "raw").rglob("*.part"))
+        assert counts["image_ok"] == len(site.expected_files)
+
+        before = sum(site.requests.values())
+        scrape(scrape_cfg(site, tmp_path))
+        assert sum(site.requests.values()) == before  # nothing re-fetched: no page, no image
+
+
+def test_age_gate_without_cookie_is_a_clear_error(tmp_path):
+    with GetchuSite(faults=False) as site:
+        cfg = scrape_cfg(site, tmp_path)
+        cfg.cookies = {}
+        with pytest.raises(ScrapeError, match="age-verification.*scrape.cookies"):
+            scrape(cfg)
+
+
+def test_failed_and_oversized_images_leave_no_file_and_failures_are_retried(tmp_path):
+    with GetchuSite(faults=False) as site:
+        missing = next(iter(site.images))
+        saved = site.images.pop(missing)
+        cfg = scrape_cfg(site, tmp_path, max_bytes=2_000_000, retries=1)
+        scrape(cfg)
+        rows = {r["url"].removeprefix(site.url): r for r in read_jsonl(tmp_path / "raw" / "index.jsonl")}
+        assert rows[missing]["status"] == "failed" and rows[missing]["reason"] == "http_404"
+        too_large = [p for p, b in site.images.items() if len(b) > 2_000_000]
+        assert too_large and all(rows[p]["reason"] == "too_large" for p in too_large)
+        files = {p.name for p in (tmp_path / "raw").rglob("*.jpg")}
+        assert missing.rsplit("/", 1)[1] not in files
+        assert not any(p.rsplit("/", 1)[1] in files for p in too_large)
+
+        site.images[missing] = saved
+        site.requests.clear()
+        scrape(cfg)
+        assert site.requests[missing] == 1 and site.image_requests() == 1
