@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError, exit_on_error
 from pipeline.io import JsonlLog, atomic_save, atomic_write_bytes, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 
 
-class CropError(RuntimeError):
+class CropError(PipelineError):
     pass
 
 
@@ -211,6 +212,7 @@ def crop(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="crop", version_base="1.3")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     crop(cfg.crop)
 

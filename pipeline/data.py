@@ -3,11 +3,13 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.crop import crop
+from pipeline.errors import exit_on_error
 from pipeline.pack import pack
 from pipeline.scrape import scrape
 
 
 @hydra.main(config_path="../conf", config_name="data", version_base="1.3")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     if not cfg.skip_scrape:
         scrape(cfg.scrape)

@@ -15,13 +15,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from pipeline.errors import PipelineError, exit_on_error
 from pipeline.crop import IMAGE_SUFFIXES, load_rgb
 from pipeline.io import atomic_save, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
-class PackError(RuntimeError):
+class PackError(PipelineError):
     pass
 
 
@@ -134,6 +135,7 @@ def pack(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="pack", version_base="1.3")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     pack(cfg.pack)
 

@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
+from pipeline.errors import PipelineError, exit_on_error
 from pipeline.io import JsonlLog, atomic_write_bytes, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ BODY_ERRORS = (requests.exceptions.ChunkedEncodingError, requests.exceptions.Con
                requests.exceptions.Timeout)
 
 
-class ScrapeError(RuntimeError):
+class ScrapeError(PipelineError):
     """A problem with the configuration or the site that retrying cannot fix."""
 
 
@@ -292,6 +293,7 @@ def scrape(cfg: DictConfig) -> Counter:
 
 
 @hydra.main(config_path="../conf", config_name="scrape", version_base="1.3")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     scrape(cfg.scrape)
 

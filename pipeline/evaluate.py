@@ -1,0 +1,121 @@
+"""Stage 6: honest quality numbers for a trained run (`make eval`).
+
+    python -m pipeline.evaluate +obs_std=0.1            # newest obs_std=0.1 run
+    python -m pipeline.evaluate report=true             # table of every evaluated run
+
+For each prior: FID and KID of n samples against the test split (and the same for real training
+faces: the floor), sharpness of samples relative to real faces, and a memorisation check (distance
+of samples to their nearest training face vs the same for test faces). Also the test ELBO.
+Writes metrics.json and nearest_<prior>.png beside the checkpoint and prints a table.
+"""
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError, exit_on_error
+from pipeline.io import atomic_save, atomic_write_bytes
+from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
+from pipeline.prior import sample_latents
+from pipeline.sample import open_run
+from pipeline.train import evaluate_elbo
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8(images01: torch.Tensor) -> np.ndarray:
+    return images01.mul(255).round().clamp(0, 255).byte().numpy()
+
+
+def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_size: int) -> torch.Tensor:
+    """Inception features of a real image set, computed once per content."""
+    key = hashlib.sha1(np.ascontiguousarray(images_uint8).tobytes()).hexdigest()[:16]
+    path = cache_dir / f"inception_{key}_{len(images_uint8)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    with tqdm(total=len(images_uint8), desc="inception (real)", unit="img") as progress:
+        feats = features(extractor, images_uint8, batch_size, progress)
+    atomic_save(path, lambda tmp: torch.save(feats, tmp))
+    return feats
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    run = open_run(cfg)
+    device = run.device
+    n = int(cfg.n) if str(cfg.n) != "auto" else (10000 if device.type == "cuda" else 2000)
+    train, test = run.split("train"), run.split("test")
+    extractor = InceptionFeatures(device)
+    cache_dir = Path(cfg.paths.output_dir) / "fid_cache"
+    rng = np.random.default_rng(cfg.seed)
+    real_test = cached_features(extractor, test, cache_dir, cfg.batch_size)
+    floor_pick = np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
+    real_train = cached_features(extractor, train[floor_pick], cache_dir, cfg.batch_size)
+    check = np.sort(rng.choice(len(test), min(cfg.nearest_n, len(test)), replace=False))
+    _, test_to_train = nearest(test[check], train)
+    results = {
+        "ckpt": str(run.ckpt_path), "step": run.ckpt["step"], "obs_std": run.obs_std, "n": n,
+        "n_test": len(test), "device": str(device),
+        **evaluate_elbo(run.model, torch.as_tensor(test).to(device), run.ckpt["likelihood"], run.obs_std),
+        "floor_train_vs_test": fid_kid(real_test, real_train),
+        "real_sharpness": sharpness(test), "test_to_train_rms_median": float(np.median(test_to_train)),
+        "priors": {},
+    }
+    for prior_name in cfg.priors:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        z = sample_latents(run.prior(prior_name, cfg.gmm_components, cfg.seed), n, run.model.latent_dim, generator)
+        samples = to_uint8(run.decode(z))
+        with tqdm(total=n, desc=f"inception ({prior_name} samples)", unit="img") as progress:
+            fake = features(extractor, samples, cfg.batch_size, progress)
+        index, dist = nearest(samples[: cfg.nearest_n], train)
+        results["priors"][prior_name] = {
+            **fid_kid(real_test, fake),
+            "sharpness_ratio": sharpness(samples) / results["real_sharpness"],
+            "sample_to_train_rms_median": float(np.median(dist)),
+            "memorisation_ratio": float(np.median(dist) / results["test_to_train_rms_median"]),
+        }
+        k = min(cfg.sheet_n, len(samples))
+        pairs = torch.stack([torch.as_tensor(samples[:k]), torch.as_tensor(train[index[:k]])], 1).flatten(0, 1)
+        save_image(pairs.float() / 255, run.ckpt_path.parent / f"nearest_{prior_name}.png", nrow=8)
+    out = run.ckpt_path.parent / "metrics.json"
+    atomic_write_bytes(out, json.dumps(results, indent=2).encode())
+    print(table([results]))
+    print(out)
+    return results
+
+
+def table(all_results: list[dict]) -> str:
+    lines = ["| obs_std | step | test ELBO (nats) | bits/dim | prior | FID | KID x1e3 | sharpness | memorisation | floor FID |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in all_results:
+        for prior, p in r["priors"].items():
+            lines.append(f"| {r['obs_std']:g} | {r['step']} | {r['test_elbo']:.1f} | {r['test_bpd']:.3f} | {prior} | "
+                         f"{p['fid']:.1f} | {1e3 * p['kid']:.1f} | {p['sharpness_ratio']:.2f} | "
+                         f"{p['memorisation_ratio']:.2f} | {r['floor_train_vs_test']['fid']:.1f} |")
+    return "\n".join(lines)
+
+
+def report(cfg) -> str:
+    found = [json.loads(p.read_text()) for p in sorted(Path(cfg.paths.output_dir).rglob("metrics.json"))]
+    if not found:
+        raise PipelineError(f"no metrics.json under {cfg.paths.output_dir}: run `make eval` first")
+    return table(sorted(found, key=lambda r: r["obs_std"]))
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@exit_on_error
+def main(cfg: DictConfig) -> None:
+    if cfg.report:
+        print(report(cfg))
+    else:
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

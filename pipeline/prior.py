@@ -1,0 +1,57 @@
+"""Priors to sample latent codes from: N(0, I), or a Gaussian mixture fitted ex post to the
+encoder means of the training faces (fills in where the aggregate posterior really puts mass)."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_save
+from pipeline.model import VAE
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def encode_means(model: VAE, images_uint8: np.ndarray, device, batch_size=500) -> np.ndarray:
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = torch.as_tensor(images_uint8[start:start + batch_size]).to(device).float() / 255
+        out.append(model.encode(x)[0].cpu())
+    return torch.cat(out).double().numpy()
+
+
+def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
+    gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, max_iter=200, random_state=seed)
+    gmm.fit(codes)
+    if not gmm.converged_:
+        log.warning("the Gaussian mixture did not converge in %d iterations; using it as it is", gmm.max_iter)
+    return {"weights": torch.tensor(gmm.weights_), "means": torch.tensor(gmm.means_),
+            "cholesky": torch.linalg.cholesky(torch.tensor(gmm.covariances_))}
+
+
+def gmm_prior(model: VAE, ckpt_path: Path, step: int, train_uint8: np.ndarray, components: int, seed: int,
+              device) -> dict:
+    """The mixture for this checkpoint, fitted once and cached beside it."""
+    cache = Path(ckpt_path).parent / f"gmm_k{components}_step{step}_seed{seed}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    if len(train_uint8) < components * 2:
+        raise PipelineError(f"{len(train_uint8)} training faces are too few for a {components}-component "
+                            "mixture; lower gmm_components")
+    log.info("fitting a %d-component Gaussian mixture to %d training codes", components, len(train_uint8))
+    prior = fit_gmm(encode_means(model, train_uint8, device), components, seed)
+    atomic_save(cache, lambda tmp: torch.save(prior, tmp))
+    return prior
+
+
+def sample_latents(prior: dict | None, n: int, latent_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """n codes from N(0, I) (prior None) or from the mixture."""
+    if prior is None:
+        return torch.randn(n, latent_dim, generator=generator)
+    component = torch.multinomial(prior["weights"], n, replacement=True, generator=generator)
+    eps = torch.randn(n, latent_dim, 1, generator=generator, dtype=torch.float64)
+    z = prior["means"][component] + (prior["cholesky"][component] @ eps).squeeze(-1)
+    return z.float()

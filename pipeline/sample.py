@@ -1,0 +1,162 @@
+"""Stage 5: pictures from a trained VAE.
+
+    python -m pipeline.sample +obs_std=0.1                 # 64 samples (decoder means) from the newest obs_std=0.1 run
+    python -m pipeline.sample +obs_std=0.1 prior=gmm       # codes from a mixture fitted to the training codes
+    python -m pipeline.sample sheet=recon|interp|obs_std   # reconstructions, interpolations, one row per obs_std
+
+The last line printed is the path of the PNG written.
+"""
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid, save_image
+
+from pipeline.errors import PipelineError, exit_on_error
+from pipeline.prior import gmm_prior, sample_latents
+from pipeline.runs import find_checkpoint, list_runs, load_checkpoint, model_from_checkpoint
+from pipeline.train import load_split, pick_device
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """A trained checkpoint, its model on the device, and the data it was trained on."""
+
+    def __init__(self, ckpt_path: Path, device: torch.device):
+        self.ckpt_path = Path(ckpt_path)
+        self.ckpt = load_checkpoint(self.ckpt_path)
+        self.model = model_from_checkpoint(self.ckpt, device)
+        self.device = device
+        self.obs_std = float(self.ckpt["obs_std"])
+        self.config = self.ckpt["config"]
+
+    def split(self, name: str) -> np.ndarray:
+        return load_split(self.config["train"][f"{name}_file"], name)
+
+    def prior(self, name: str, components: int, seed: int):
+        if name == "normal":
+            return None
+        if name == "gmm":
+            return gmm_prior(self.model, self.ckpt_path, self.ckpt["step"], self.split("train"), components,
+                             seed, self.device)
+        raise PipelineError(f"prior={name!r}: use normal or gmm")
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, noise: bool = False, generator=None, batch_size=500) -> torch.Tensor:
+        """Images in [0, 1]: decoder means, or means plus N(0, obs_std^2) noise (clipped for display)."""
+        out = []
+        for start in range(0, len(z), batch_size):
+            mean = torch.sigmoid(self.model.decode(z[start:start + batch_size].to(self.device))).cpu()
+            if noise:
+                mean = (mean + self.obs_std * torch.randn(mean.shape, generator=generator)).clamp(0, 1)
+            out.append(mean)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode(self, images_uint8) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images_uint8)).to(self.device).float() / 255
+        return self.model.encode(x)[0].cpu()
+
+
+def open_run(cfg) -> Run:
+    ckpt = find_checkpoint(cfg.paths.output_dir, obs_std=cfg.get("obs_std"), ckpt=cfg.ckpt)
+    return Run(ckpt, pick_device(str(cfg.device), 0))
+
+
+def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
+    z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed), cfg.n, run.model.latent_dim, generator)
+    kind = "noisy" if cfg.noise else "means"
+    return run.decode(z, cfg.noise, generator), f"samples_{cfg.prior}_{kind}_seed{cfg.seed}"
+
+
+def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
+    """Rows of test faces, each followed by a row of their reconstructions (decoder means of mu)."""
+    test = run.split("test")
+    pick = torch.randperm(len(test), generator=generator)[: cfg.n].numpy()
+    x = torch.as_tensor(test[np.sort(pick)]).float() / 255
+    recon = run.decode(run.encode(test[np.sort(pick)]))
+    rows = [torch.cat([x[i:i + cfg.nrow], recon[i:i + cfg.nrow]]) for i in range(0, len(x), cfg.nrow)]
+    return torch.cat(rows), f"recon_seed{cfg.seed}"
+
+
+def interp_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
+    """Each row walks linearly in latent space from one test face's code to another's."""
+    test = run.split("test")
+    rows = max(1, cfg.n // cfg.nrow)
+    pick = torch.randperm(len(test), generator=generator)[: 2 * rows].numpy()
+    codes = run.encode(test[pick])
+    t = torch.linspace(0, 1, cfg.nrow)[None, :, None]
+    z = (codes[:rows, None] * (1 - t) + codes[rows:, None] * t).flatten(0, 1)
+    return run.decode(z), f"interp_seed{cfg.seed}"
+
+
+def labelled(grid: torch.Tensor, labels: list[str], row_height: int) -> Image.Image:
+    """The grid with a white margin on the left holding one label per row."""
+    image = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    canvas = Image.new("RGB", (image.width + 110, image.height), "white")
+    canvas.paste(image, (110, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        draw.text((6, i * row_height + row_height // 2 - 6), label, fill="black")
+    return canvas
+
+
+def obs_std_sheet(cfg, device) -> tuple[Image.Image, Path]:
+    """One row per trained obs_std (newest run of each), all decoded from the same prior draws."""
+    newest = {}
+    for run in list_runs(cfg.paths.output_dir):
+        if run["obs_std"] is not None:
+            newest.setdefault(float(run["obs_std"]), run["ckpt"])
+    if not newest:
+        raise PipelineError(f"no trained run under {cfg.paths.output_dir}: run `make train` or `make sweep` first")
+    rows, labels = [], []
+    for obs_std, ckpt in sorted(newest.items()):
+        run = Run(ckpt, device)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed), cfg.nrow, run.model.latent_dim,
+                           generator)
+        rows.append(run.decode(z))
+        labels.append(f"obs_std={obs_std:g}")
+        log.info("row %d: obs_std=%g from %s", len(rows), obs_std, ckpt)
+    tile = rows[0].shape[-1]
+    grid = make_grid(torch.cat(rows), nrow=cfg.nrow, padding=2, pad_value=1.0)
+    out = Path(cfg.out or Path(cfg.paths.output_dir) / f"obs_std_sheet_{cfg.prior}_seed{cfg.seed}.png")
+    return labelled(grid, labels, tile + 2), out
+
+
+SHEETS = {"samples": samples_sheet, "recon": recon_sheet, "interp": interp_sheet}
+
+
+def sample(cfg: DictConfig) -> Path:
+    if cfg.n < 1 or cfg.nrow < 1:
+        raise PipelineError(f"n={cfg.n} and nrow={cfg.nrow} must be positive")
+    if cfg.sheet == "obs_std":
+        picture, out = obs_std_sheet(cfg, pick_device(str(cfg.device), 0))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(out)
+        return out
+    if cfg.sheet not in SHEETS:
+        raise PipelineError(f"sheet={cfg.sheet!r}: use one of {', '.join([*SHEETS, 'obs_std'])}")
+    run = open_run(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, name = SHEETS[cfg.sheet](run, cfg, generator)
+    out = Path(cfg.out or run.ckpt_path.parent / f"{name}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, out, nrow=cfg.nrow)
+    log.info("%s from %s (obs_std=%g, step %d)", cfg.sheet, run.ckpt_path, run.obs_std, run.ckpt["step"])
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+@exit_on_error
+def main(cfg: DictConfig) -> None:
+    print(sample(cfg))
+
+
+if __name__ == "__main__":
+    main()

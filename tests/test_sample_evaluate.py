@@ -1,0 +1,104 @@
+"""Sampling sheets, their error paths, and the evaluation numbers, on a model trained for a few steps."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
+from tests.conftest import run_module
+from tests.test_train import small_data, train_args  # noqa: F401  (session fixture reused)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("outputs")
+    run_module("pipeline.train", *train_args(small_data, out, "train.max_steps=30"))
+    return out
+
+
+def sample(out, *args, check=True):
+    return run_module("pipeline.sample", f"paths.output_dir={out}", "device=cpu", *args, check=check)
+
+
+def test_sampling_by_obs_std_is_deterministic_for_a_seed(trained, tmp_path):
+    first = sample(trained, "+obs_std=0.1", f"out={tmp_path}/a.png")
+    assert first.stdout.strip().splitlines()[-1] == f"{tmp_path}/a.png"
+    sample(trained, "+obs_std=0.1", f"out={tmp_path}/b.png")
+    sample(trained, "+obs_std=0.1", "seed=1", f"out={tmp_path}/c.png")
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in "abc")
+    assert a.shape == (8 * 66 + 2, 8 * 66 + 2, 3)  # 64 tiles of 64 px, 8 per row, 2 px padding
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_default_output_names_say_what_was_drawn(trained):
+    path = sample(trained, "noise=true", "n=16").stdout.strip().splitlines()[-1]
+    assert path.endswith("samples_normal_noisy_seed0.png") and Image.open(path).size == (8 * 66 + 2, 2 * 66 + 2)
+    for sheet in ("recon", "interp"):
+        path = sample(trained, f"sheet={sheet}", "n=16").stdout.strip().splitlines()[-1]
+        assert path.endswith(f"{sheet}_seed0.png") and Image.open(path).size == (8 * 66 + 2, 66 * (4 if sheet == "recon" else 2) + 2)
+    path = sample(trained, "prior=gmm", "gmm_components=4", "n=8").stdout.strip().splitlines()[-1]
+    assert path.endswith("samples_gmm_means_seed0.png")
+    assert list(trained.rglob("gmm_k4_*.pt"))
+    path = sample(trained, "sheet=obs_std").stdout.strip().splitlines()[-1]
+    assert Image.open(path).height == 66 + 2  # one trained obs_std: one row
+
+
+def test_missing_obs_std_lists_what_exists_and_how_to_train_it(trained):
+    proc = sample(trained, "+obs_std=0.3", check=False)
+    assert proc.returncode == 2
+    assert "obs_std=0.3" in proc.stderr and "trained obs_std values: 0.1" in proc.stderr
+    assert 'make train ARGS="obs_std=0.3"' in proc.stderr
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(trained, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    proc = sample(trained, f"ckpt={tmp_path}/broken.pt", check=False)
+    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    proc = sample(trained, f"ckpt={tmp_path}/foreign.pt", check=False)
+    assert proc.returncode == 2 and "not an animeface-vae checkpoint" in proc.stderr
+    proc = sample(tmp_path / "empty", check=False)
+    assert proc.returncode == 2 and "no trained run" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return InceptionFeatures("cpu")
+
+
+def test_fid_is_about_zero_for_a_set_against_itself_and_large_against_noise(small_data, inception):  # noqa: F811
+    real = np.load(small_data / "test.npy")[:24]
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    feats_real, feats_noise = features(inception, real), features(inception, noise)
+    assert feats_real.shape == (24, 2048)
+    assert abs(fid_kid(feats_real, feats_real)["fid"]) < 1.0
+    far = fid_kid(feats_real, feats_noise)
+    assert far["fid"] > 100 and far["kid"] > 0.05
+
+
+def test_sharpness_and_nearest_neighbours():
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (4, 3, 16, 16), dtype=np.uint8)
+    flat = np.full_like(sharp, 128)
+    assert sharpness(sharp) > 100 * (sharpness(flat) + 1e-9) and sharpness(flat) == 0
+    index, dist = nearest(sharp[[2, 0]], sharp)
+    assert index.tolist() == [2, 0] and dist.max() == 0
+
+
+def test_evaluate_writes_metrics_json_with_every_number(trained):
+    proc = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "device=cpu", "+obs_std=0.1", "n=12",
+                      "gmm_components=4", "nearest_n=12", "sheet_n=4")
+    path = proc.stdout.strip().splitlines()[-1]
+    metrics = json.loads(open(path).read())
+    assert metrics["n"] == 12 and metrics["obs_std"] == 0.1 and metrics["test_bpd"] > 0
+    assert metrics["floor_train_vs_test"]["fid"] >= 0
+    for prior in ("normal", "gmm"):
+        p = metrics["priors"][prior]
+        assert p["fid"] > 0 and p["sharpness_ratio"] > 0 and p["memorisation_ratio"] > 0
+    assert "| 0.1 |" in proc.stdout
+    report = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "report=true")
+    assert report.stdout.count("| 0.1 |") == 2

@@ -1,0 +1,164 @@
+"""Short CPU trainings on a few hundred real faces: the loss goes down, kills resume exactly, DDP runs."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.pack import pack
+from pipeline.runs import load_checkpoint
+from tests.conftest import ROOT, run_module
+from tests.getchu_site import FACES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """About 600 unique real faces packed as train/test arrays."""
+    root = tmp_path_factory.mktemp("small")
+    faces = root / "faces"
+    faces.mkdir()
+    for path in sorted(FACES.glob("*.jpg"))[:700]:
+        (faces / path.name).write_bytes(path.read_bytes())
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf/pack/default.yaml"),
+                          {"faces_dir": str(faces), "size": 64, "test_fraction": 0.15,
+                           "train_file": str(root / "train.npy"), "test_file": str(root / "test.npy")})
+    pack(cfg)
+    return root
+
+
+def train_args(data_dir, out_dir, *extra):
+    return [f"paths.data_dir={data_dir}", f"paths.output_dir={out_dir}", "device=cpu", "model.width=16",
+            "model.latent_dim=32", "train.batch_size=32", "train.warmup_steps=5", "train.log_every=5",
+            "train.grid_n=16", *extra]
+
+
+def only_run(out_dir):
+    runs = [p.parent for p in out_dir.rglob("ckpt.pt")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_short_training_improves_the_test_elbo_and_writes_its_outputs(small_data, tmp_path):
+    run_module("pipeline.train", *train_args(small_data, tmp_path, "train.epochs=4", "train.lr=3e-3"))
+    run = only_run(tmp_path)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r["test_elbo"]]
+    assert len(rows) == 4
+    elbos = [float(r["test_elbo"]) for r in rows]
+    assert elbos[-1] > elbos[0] + 100, elbos
+    assert all(float(r["test_bpd"]) > 0 for r in rows)
+    assert (run / "samples_epoch004.png").exists() and (run / "recon_epoch004.png").exists()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert OmegaConf.load(run / "config.yaml").obs_std == 0.1
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert ckpt["step"] == 4 * (len(np.load(small_data / "train.npy")) // 32)
+
+
+def wait_for_checkpoint(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def start_training(args):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def final_params(run_dir):
+    return load_checkpoint(run_dir / "ckpt.pt")["model"]
+
+
+def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(small_data, tmp_path):
+    common = ["train.max_steps=80", "train.ckpt_every=5"]
+    run_module("pipeline.train", *train_args(small_data, tmp_path / "straight", *common))
+    straight = final_params(only_run(tmp_path / "straight"))
+
+    out = tmp_path / "killed"
+    proc = start_training(train_args(small_data, out, *common))
+    ckpt_dir = None
+    deadline = time.monotonic() + 120
+    while ckpt_dir is None and time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.rglob("ckpt.pt"))
+        ckpt_dir = found[0].parent if found else None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert ckpt_dir is not None, "no checkpoint appeared before the run ended"
+    killed_at = load_checkpoint(ckpt_dir / "ckpt.pt")["step"]
+    assert killed_at < 80, "the run finished before it could be killed"
+    run_module("pipeline.train", *train_args(small_data, out, *common, f"resume={ckpt_dir}"))
+    resumed = final_params(ckpt_dir)
+    assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 80
+    assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
+    for name, value in straight.items():
+        assert torch.allclose(value.float(), resumed[name].float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(small_data, tmp_path):
+    proc = start_training(train_args(small_data, tmp_path, "train.max_steps=100000", "train.ckpt_every=100000"))
+    metrics = None
+    deadline = time.monotonic() + 120
+    while metrics is None and time.monotonic() < deadline:
+        found = list(tmp_path.rglob("metrics.csv"))
+        metrics = found[0] if found and len(found[0].read_text().splitlines()) > 2 else None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = load_checkpoint(metrics.parent / "ckpt.pt")["step"]
+    assert 10 <= step < 100000
+    assert "resume with" in err
+
+
+def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(small_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "pipeline.train", *train_args(small_data, tmp_path, "train.max_steps=12")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert [p.name for p in (tmp_path / "train").rglob("*") if p.is_dir() and p.parent.name.startswith("obs_std-")] \
+        == [run.name]
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 12
+    assert len(load_checkpoint(run / "ckpt.pt")["rng"]) == 2
+    assert not (ROOT / ".hydra").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["paths.data_dir=/nonexistent"], "run `make data` first"),
+    (["obs_std=0"], "obs_std=0 must be > 0"),
+    (["obs_std=-1"], "obs_std=-1 must be > 0"),
+    (["device=tpu"], "device='tpu' is not a device"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(small_data, tmp_path, args, message):
+    proc = run_module("pipeline.train", *train_args(small_data, tmp_path), *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_wrong_shape_and_empty_datasets_are_rejected(tmp_path):
+    np.save(tmp_path / "train.npy", np.zeros((10, 64, 64, 3), np.uint8))
+    np.save(tmp_path / "test.npy", np.zeros((0, 3, 64, 64), np.uint8))
+    proc = run_module("pipeline.train", *train_args(tmp_path, tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "expected uint8 N x 3 x H x H" in proc.stderr
+    np.save(tmp_path / "train.npy", np.zeros((10, 3, 64, 64), np.uint8))
+    proc = run_module("pipeline.train", *train_args(tmp_path, tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "is empty" in proc.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(small_data, tmp_path):
+    proc = run_module("pipeline.train", *train_args(small_data, tmp_path, "obs_std=1e-30", "train.max_steps=20"),
+                      check=False)
+    assert proc.returncode == 2
+    assert "non-finite at step 0" in proc.stderr
