@@ -30,10 +30,14 @@ sample: install
 eval: install
 	$(PY) -m pipeline.evaluate $(ARGS)
 
+# obs_std values to compare with `make sweep`
+SWEEP ?= 0.03,0.1,0.3
+
 sweep: install
-	$(PY) -m pipeline.train --multirun obs_std=0.03,0.1,0.3 $(ARGS)
+	$(PY) -m pipeline.train --multirun obs_std=$(SWEEP) $(ARGS)
 	$(PY) -m pipeline.sample sheet=obs_std
-	$(PY) -m pipeline.evaluate --multirun +obs_std=0.03,0.1,0.3
+	$(PY) -m pipeline.evaluate --multirun +obs_std=$(SWEEP)
+	$(PY) -m pipeline.evaluate report=true
 
 bench: install
 	$(PY) bench/crop_throughput.py
