@@ -102,3 +102,12 @@ def test_evaluate_writes_metrics_json_with_every_number(trained):
     assert "| 0.1 |" in proc.stdout
     report = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "report=true")
     assert report.stdout.count("| 0.1 |") == 2
+
+
+def test_a_multirun_sweep_over_obs_std_gives_one_sheet_row_per_value(small_data, tmp_path):  # noqa: F811
+    run_module("pipeline.train", "--multirun", "obs_std=0.05,0.3", *train_args(small_data, tmp_path, "train.max_steps=4"))
+    assert len(list((tmp_path / "sweep").rglob("ckpt.pt"))) == 2
+    path = sample(tmp_path, "sheet=obs_std", "nrow=4").stdout.strip().splitlines()[-1]
+    assert Image.open(path).height == 2 * 66 + 2
+    proc = sample(tmp_path, "+obs_std=0.3", "n=4")
+    assert "obs_std-0.3" in proc.stdout.strip().splitlines()[-1]
