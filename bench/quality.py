@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "data" / "faces" / "getchu-2000-2009"
 OUT = ROOT / "bench" / "out"
@@ -41,7 +43,8 @@ def main():
     log = run("-m", "pipeline.train", *common, f"paths.output_dir={OUT}/calibrate", "train.max_steps=60",
               "train.log_every=60")
     img_s = float(re.search(r"done: .*?, ([\d.]+) img/s", log)[1])
-    batch = int(next((a.split("=")[1] for a in opts.args if a.startswith("train.batch_size=")), 64))
+    default_batch = OmegaConf.load(ROOT / "conf/train/default.yaml").batch_size
+    batch = int(next((a.split("=")[1] for a in opts.args if a.startswith("train.batch_size=")), default_batch))
     steps = int(img_s * opts.minutes * 60 / batch)
     out_dir = OUT / opts.tag
     start = time.perf_counter()

@@ -92,9 +92,3 @@ def negative_elbo(x, out, mu, logvar, likelihood="gaussian", obs_std=0.1, beta=1
 def bits_per_dim(neg_elbo_nats: float, dims: int) -> float:
     """-ELBO of 8-bit images scaled to [0, 1], in bits per dimension of the discrete data."""
     return (neg_elbo_nats + dims * math.log(256)) / (dims * math.log(2))
-
-
-
-def build_model(cfg_model, image_size: int) -> VAE:
-    return VAE(image_size=image_size, width=cfg_model.width, depth=cfg_model.depth,
-               latent_dim=cfg_model.latent_dim, max_channels=cfg_model.max_channels)

@@ -77,9 +77,9 @@ def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
 def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     """Rows of test faces, each followed by a row of their reconstructions (decoder means of mu)."""
     test = run.split("test")
-    pick = torch.randperm(len(test), generator=generator)[: cfg.n].numpy()
-    x = torch.as_tensor(test[np.sort(pick)]).float() / 255
-    recon = run.decode(run.encode(test[np.sort(pick)]))
+    faces = test[np.sort(torch.randperm(len(test), generator=generator)[: cfg.n].numpy())]
+    x = torch.as_tensor(faces).float() / 255
+    recon = run.decode(run.encode(faces))
     rows = [torch.cat([x[i:i + cfg.nrow], recon[i:i + cfg.nrow]]) for i in range(0, len(x), cfg.nrow)]
     return torch.cat(rows), f"recon_seed{cfg.seed}"
 

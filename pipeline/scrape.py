@@ -119,8 +119,9 @@ class Client:
                       allowed_methods=["GET"], respect_retry_after_header=True,
                       raise_on_status=False)
         self.session = requests.Session()
-        self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=1))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=1))
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=1)
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, adapter)
         cookie = "; ".join(f"{k}={v}" for k, v in (cfg.cookies or {}).items())
         self.session.headers.update({"User-Agent": cfg.user_agent, **({"Cookie": cookie} if cookie else {})})
         self.requests = 0

@@ -106,7 +106,7 @@ class GetchuSite:
     @property
     def expected_files(self) -> dict[str, Path]:
         """Character image path -> the illustration it serves (what the scraper must save)."""
-        good = {p: f for p, f in self.served_illustrations.items()}
+        good = dict(self.served_illustrations)
         first = next(iter(self.served_illustrations.values()))
         for path, kind in self.faulty.items():
             if kind.endswith("_once"):
