@@ -8,7 +8,6 @@ import logging
 import multiprocessing
 import os
 import re
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -23,12 +22,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.io import JsonlLog, atomic_save, atomic_write_bytes, read_jsonl
+from pipeline.images import find_images, load_image, on_white
+from pipeline.io import JsonlLog, atomic_write, atomic_write_bytes, read_jsonl
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
-
 
 class CropError(PipelineError):
     pass
@@ -74,33 +71,6 @@ def load_cascade(path) -> cv2.CascadeClassifier:
         raise CropError(f"{path} is not a valid OpenCV cascade (empty or corrupt XML); "
                         "get lbpcascade_animeface.xml again or point crop.cascade at the upstream URL")
     return cascade
-
-
-def load_image(path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """H x W x 3 uint8 RGB of any still image (first frame of a GIF) and its H x W alpha, if any."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if img.width * img.height > max_pixels:
-                raise ValueError(f"{img.width}x{img.height} is over crop.max_pixels={max_pixels}")
-            img.seek(0)
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                rgba = np.asarray(img.convert("RGBA"))
-                return np.ascontiguousarray(rgba[..., :3]), rgba[..., 3]
-            return np.asarray(img.convert("RGB")), None
-
-
-def on_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
-    """Composite over white, so transparent areas show as background rather than hidden colours."""
-    if alpha is None:
-        return rgb
-    a = alpha[..., None].astype(np.float32) / 255
-    return np.round(rgb * a + 255 * (1 - a)).astype(np.uint8)
-
-
-def load_rgb(path, max_pixels: int) -> np.ndarray:
-    return on_white(*load_image(path, max_pixels))
 
 
 def detect_faces(cascade, rgb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -154,19 +124,14 @@ def crop_one(source: Path, cfg, input_dir: Path, output_dir: Path) -> dict:
         tile = cv2.resize(rgb[top:top + side, left:left + side], (cfg.size, cfg.size),
                           interpolation=cv2.INTER_AREA)
         name = f"{tile_stem(source, input_dir)}_{k}.png"
-        atomic_save(output_dir / name, partial(_save_png, tile))
+        atomic_write(output_dir / name, partial(_save_png, tile))
         row["tiles"].append({"tile": name, "box": [int(v) for v in box], "crop": [left, top, side],
                              "neighbours": int(n)})
     return {**row, "status": "ok", "faces": len(row["tiles"])}
 
 
-def _save_png(rgb: np.ndarray, path: str) -> None:
-    Image.fromarray(rgb).save(path, format="PNG")
-
-
-def find_images(input_dir: Path) -> list[Path]:
-    return sorted(p for p in input_dir.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
+def _save_png(rgb: np.ndarray, file) -> None:
+    Image.fromarray(rgb).save(file, format="PNG")
 
 
 def source_urls(input_dir: Path) -> dict[str, str]:

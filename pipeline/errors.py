@@ -1,4 +1,4 @@
-"""The one error type the stages raise for bad input or configuration, and how entry points show it."""
+"""The error types the pipeline raises for bad input or configuration, and how entry points show them."""
 import functools
 import logging
 import sys
@@ -6,6 +6,14 @@ import sys
 
 class PipelineError(RuntimeError):
     """Bad input or configuration: the message names the file, URL or key and what to do."""
+
+
+class DataError(PipelineError):
+    """A data file (a packed split, a folder of images) is missing or not what the pipeline writes."""
+
+
+class RunNotFound(PipelineError):
+    """No trained run, or no readable checkpoint, where one was asked for."""
 
 
 def exit_on_error(main):

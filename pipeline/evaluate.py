@@ -21,17 +21,14 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.io import atomic_save, atomic_write_bytes
+from pipeline.images import to_float, to_uint8
+from pipeline.io import atomic_write, atomic_write_bytes
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
+from pipeline.model import evaluate_elbo
 from pipeline.prior import sample_latents
-from pipeline.sample import open_run
-from pipeline.train import evaluate_elbo
+from pipeline.runs import open_run
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8(images01: torch.Tensor) -> np.ndarray:
-    return images01.mul(255).round().clamp(0, 255).byte().numpy()
 
 
 def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_size: int) -> torch.Tensor:
@@ -42,7 +39,7 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
         return torch.load(path, weights_only=True)
     with tqdm(total=len(images_uint8), desc="inception (real)", unit="img") as progress:
         feats = features(extractor, images_uint8, batch_size, progress)
-    atomic_save(path, lambda tmp: torch.save(feats, tmp))
+    atomic_write(path, lambda f: torch.save(feats, f))
     return feats
 
 
@@ -62,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
     results = {
         "ckpt": str(run.ckpt_path), "step": run.ckpt["step"], "obs_std": run.obs_std, "n": n,
         "n_test": len(test), "device": str(device),
-        **evaluate_elbo(run.model, torch.as_tensor(test).to(device), run.ckpt["likelihood"], run.obs_std),
+        **evaluate_elbo(run.model, torch.as_tensor(test).to(device), run.likelihood, run.obs_std),
         "floor_train_vs_test": fid_kid(real_test, real_train),
         "real_sharpness": sharpness(test), "test_to_train_rms_median": float(np.median(test_to_train)),
         "priors": {},
@@ -70,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict:
     for prior_name in cfg.priors:
         generator = torch.Generator().manual_seed(cfg.seed)
         z = sample_latents(run.prior(prior_name, cfg.gmm_components, cfg.seed), n, run.model.latent_dim, generator)
-        samples = to_uint8(run.decode(z))
+        samples = to_uint8(run.decode(z)).numpy()
         with tqdm(total=n, desc=f"inception ({prior_name} samples)", unit="img") as progress:
             fake = features(extractor, samples, cfg.batch_size, progress)
         index, dist = nearest(samples[: cfg.nearest_n], train)
@@ -82,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict:
         }
         k = min(cfg.sheet_n, len(samples))
         pairs = torch.stack([torch.as_tensor(samples[:k]), torch.as_tensor(train[index[:k]])], 1).flatten(0, 1)
-        save_image(pairs.float() / 255, run.ckpt_path.parent / f"nearest_{prior_name}.png", nrow=8)
+        save_image(to_float(pairs), run.ckpt_path.parent / f"nearest_{prior_name}.png", nrow=8)
     out = run.ckpt_path.parent / "metrics.json"
     atomic_write_bytes(out, json.dumps(results, indent=2).encode())
     print(table([results]))

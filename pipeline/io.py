@@ -1,18 +1,20 @@
-"""Small file helpers every stage shares: atomic writes and append-only JSON-lines logs."""
+"""Small file helpers every stage shares: one atomic writer and append-only JSON-lines logs."""
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` so that `path` either holds all of it or is untouched (temp file + rename)."""
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write(f)` on a temp file beside `path`, then rename it onto `path`: a reader (or a
+    crash) sees either the whole new file or the old one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -21,18 +23,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
-def atomic_save(path, save_fn) -> None:
-    """Call `save_fn(tmp_path)` to write a file, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        save_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def read_jsonl(path) -> list[dict]:

@@ -5,10 +5,13 @@ reconstruction term is sum (x - mean)^2 / (2 obs_std^2) + D log obs_std + D/2 lo
 obs_std is the one knob that balances reconstruction against the KL term; there is no hidden weight.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipeline.images import interleave_rows, to_float
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -92,3 +95,60 @@ def negative_elbo(x, out, mu, logvar, likelihood="gaussian", obs_std=0.1, beta=1
 def bits_per_dim(neg_elbo_nats: float, dims: int) -> float:
     """-ELBO of 8-bit images scaled to [0, 1], in bits per dimension of the discrete data."""
     return (neg_elbo_nats + dims * math.log(256)) / (dims * math.log(2))
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode (BatchNorm uses its running statistics) and without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode_means(model: VAE, images_uint8, batch_size: int = 500) -> torch.Tensor:
+    """Encoder means (N x latent_dim, on the CPU) of uint8 images, in batches on the model's device."""
+    device, out = model_device(model), []
+    with evaluating(model):
+        for start in range(0, len(images_uint8), batch_size):
+            x = to_float(images_uint8[start:start + batch_size]).to(device)
+            out.append(model.encode(x)[0].cpu())
+    return torch.cat(out)
+
+
+def decode_means(model: VAE, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Pixel means in [0, 1] (on the CPU) of latent codes, in batches on the model's device."""
+    device, out = model_device(model), []
+    with evaluating(model):
+        for start in range(0, len(z), batch_size):
+            out.append(torch.sigmoid(model.decode(z[start:start + batch_size].to(device))).cpu())
+    return torch.cat(out)
+
+
+def recon_grid(model: VAE, faces_uint8, nrow: int) -> torch.Tensor:
+    """Rows of faces, each followed by the row of their reconstructions (decoder means of mu)."""
+    return interleave_rows(to_float(faces_uint8), decode_means(model, encode_means(model, faces_uint8)), nrow)
+
+
+def evaluate_elbo(model: VAE, data_uint8: torch.Tensor, likelihood: str, obs_std: float,
+                  batch_size: int = 500) -> dict:
+    """Test -ELBO per image (one posterior sample, fixed noise) and in bits per dimension."""
+    generator = torch.Generator(device=data_uint8.device).manual_seed(1234)
+    totals = torch.zeros(3, dtype=torch.float64, device=data_uint8.device)
+    with evaluating(model):
+        for start in range(0, len(data_uint8), batch_size):
+            x = to_float(data_uint8[start:start + batch_size])
+            mu, logvar = model.encode(x)
+            z = mu + torch.randn(mu.shape, generator=generator, device=mu.device) * torch.exp(0.5 * logvar)
+            _, nll, kl = negative_elbo(x, model.decode(z), mu, logvar, likelihood, obs_std)
+            totals += torch.stack([nll + kl, nll, kl]).double() * len(x)
+    neg_elbo, nll, kl = (totals / len(data_uint8)).tolist()
+    return {"test_elbo": -neg_elbo, "test_nll": nll, "test_kl": kl,
+            "test_bpd": bits_per_dim(neg_elbo, data_uint8[0].numel())}

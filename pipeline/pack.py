@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.crop import IMAGE_SUFFIXES, load_rgb
-from pipeline.io import atomic_save, atomic_write_bytes
+from pipeline.images import find_images, load_rgb
+from pipeline.io import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,12 @@ def is_test_group(key: str, test_fraction: float) -> bool:
 
 
 def save_array(path, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    atomic_save(path, write)
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def pack(cfg: DictConfig) -> dict:
     faces_dir = Path(cfg.faces_dir)
-    files = sorted(p for p in faces_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = find_images(faces_dir)
     if not files:
         raise PackError(f"no face tiles in pack.faces_dir={faces_dir}; run the crop stage "
                         "(python -m pipeline.crop) or point pack.faces_dir at a folder of face images")

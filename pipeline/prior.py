@@ -8,19 +8,10 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_save
-from pipeline.model import VAE
+from pipeline.io import atomic_write
+from pipeline.model import VAE, encode_means
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def encode_means(model: VAE, images_uint8: np.ndarray, device, batch_size=500) -> np.ndarray:
-    out = []
-    for start in range(0, len(images_uint8), batch_size):
-        x = torch.as_tensor(images_uint8[start:start + batch_size]).to(device).float() / 255
-        out.append(model.encode(x)[0].cpu())
-    return torch.cat(out).double().numpy()
 
 
 def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
@@ -32,8 +23,7 @@ def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
             "cholesky": torch.linalg.cholesky(torch.tensor(gmm.covariances_))}
 
 
-def gmm_prior(model: VAE, ckpt_path: Path, step: int, train_uint8: np.ndarray, components: int, seed: int,
-              device) -> dict:
+def gmm_prior(model: VAE, ckpt_path: Path, step: int, train_uint8: np.ndarray, components: int, seed: int) -> dict:
     """The mixture for this checkpoint, fitted once and cached beside it."""
     cache = Path(ckpt_path).parent / f"gmm_k{components}_step{step}_seed{seed}.pt"
     if cache.exists():
@@ -42,8 +32,8 @@ def gmm_prior(model: VAE, ckpt_path: Path, step: int, train_uint8: np.ndarray, c
         raise PipelineError(f"{len(train_uint8)} training faces are too few for a {components}-component "
                             "mixture; lower gmm_components")
     log.info("fitting a %d-component Gaussian mixture to %d training codes", components, len(train_uint8))
-    prior = fit_gmm(encode_means(model, train_uint8, device), components, seed)
-    atomic_save(cache, lambda tmp: torch.save(prior, tmp))
+    prior = fit_gmm(encode_means(model, train_uint8).double().numpy(), components, seed)
+    atomic_write(cache, lambda f: torch.save(prior, f))
     return prior
 
 

@@ -1,18 +1,54 @@
-"""Finding trained runs under outputs/ and loading their checkpoints safely."""
+"""Reopening trained runs: finding a checkpoint under outputs/, loading it safely, the device to use,
+the packed splits it was trained on, and decoding / encoding with its model."""
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.errors import PipelineError
-from pipeline.model import VAE
+from pipeline.errors import DataError, PipelineError, RunNotFound
+from pipeline.model import VAE, decode_means, encode_means
+from pipeline.prior import gmm_prior
 
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = "animeface-vae/1"
 
 
-class RunNotFound(PipelineError):
-    pass
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` is cuda (this process's local rank), then mps, then cpu; any other name is checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise PipelineError(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device={name} but CUDA is not available here: use device=auto or device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError(f"device={name} but MPS is not available here: use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def load_split(path, name: str) -> np.ndarray:
+    """A packed split (uint8 N x 3 x H x H, as `make data` writes it), read once into memory."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{name} split not found at {path}: run `make data` first (or "
+                        f"`python -m pipeline.pack pack.faces_dir=FOLDER` for a folder of face tiles), "
+                        f"or point paths.data_dir / train.{name}_file at it")
+    array = np.load(path, mmap_mode="r")
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3 or array.shape[2] != array.shape[3]:
+        raise DataError(f"{path} holds {array.dtype} {array.shape}; expected uint8 N x 3 x H x H "
+                        "as written by `make data`. Re-run `python -m pipeline.pack`")
+    if len(array) == 0:
+        raise DataError(f"{path} is empty: no faces were packed. Check `make data`'s summary")
+    return np.array(array)  # one read into memory (the file stays untouched)
 
 
 def list_runs(output_dir) -> list[dict]:
@@ -63,3 +99,44 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> VAE:
     model = VAE(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+class Run:
+    """A trained checkpoint, its model on the device, and the data it was trained on."""
+
+    def __init__(self, ckpt_path: Path, device: torch.device):
+        self.ckpt_path = Path(ckpt_path)
+        self.ckpt = load_checkpoint(self.ckpt_path)
+        self.model = model_from_checkpoint(self.ckpt, device)
+        self.device = device
+        self.obs_std = float(self.ckpt["obs_std"])
+        self.likelihood = self.ckpt["likelihood"]
+        self.config = self.ckpt["config"]
+
+    def split(self, name: str) -> np.ndarray:
+        return load_split(self.config["train"][f"{name}_file"], name)
+
+    def prior(self, name: str, components: int, seed: int):
+        if name == "normal":
+            return None
+        if name == "gmm":
+            return gmm_prior(self.model, self.ckpt_path, self.ckpt["step"], self.split("train"), components, seed)
+        raise PipelineError(f"prior={name!r}: use normal or gmm")
+
+    def decode(self, z: torch.Tensor, noise: bool = False, generator=None) -> torch.Tensor:
+        """Images in [0, 1]: decoder means, or a draw from p(x|z) (Gaussian: clipped for display)."""
+        mean = decode_means(self.model, z)
+        if not noise:
+            return mean
+        if self.likelihood == "bernoulli":
+            return torch.bernoulli(mean, generator=generator)
+        return (mean + self.obs_std * torch.randn(mean.shape, generator=generator)).clamp(0, 1)
+
+    def encode(self, images_uint8) -> torch.Tensor:
+        return encode_means(self.model, images_uint8)
+
+
+def open_run(cfg) -> Run:
+    """The run a sample/evaluate config asks for: `ckpt=`, else the newest (with `+obs_std=`)."""
+    ckpt = find_checkpoint(cfg.paths.output_dir, obs_std=cfg.get("obs_std"), ckpt=cfg.ckpt)
+    return Run(ckpt, pick_device(str(cfg.device)))

@@ -17,55 +17,12 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.prior import gmm_prior, sample_latents
-from pipeline.runs import find_checkpoint, list_runs, load_checkpoint, model_from_checkpoint
-from pipeline.train import load_split, pick_device
+from pipeline.images import to_uint8
+from pipeline.model import recon_grid
+from pipeline.prior import sample_latents
+from pipeline.runs import Run, list_runs, open_run, pick_device
 
 log = logging.getLogger(__name__)
-
-
-class Run:
-    """A trained checkpoint, its model on the device, and the data it was trained on."""
-
-    def __init__(self, ckpt_path: Path, device: torch.device):
-        self.ckpt_path = Path(ckpt_path)
-        self.ckpt = load_checkpoint(self.ckpt_path)
-        self.model = model_from_checkpoint(self.ckpt, device)
-        self.device = device
-        self.obs_std = float(self.ckpt["obs_std"])
-        self.config = self.ckpt["config"]
-
-    def split(self, name: str) -> np.ndarray:
-        return load_split(self.config["train"][f"{name}_file"], name)
-
-    def prior(self, name: str, components: int, seed: int):
-        if name == "normal":
-            return None
-        if name == "gmm":
-            return gmm_prior(self.model, self.ckpt_path, self.ckpt["step"], self.split("train"), components,
-                             seed, self.device)
-        raise PipelineError(f"prior={name!r}: use normal or gmm")
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, noise: bool = False, generator=None, batch_size=500) -> torch.Tensor:
-        """Images in [0, 1]: decoder means, or means plus N(0, obs_std^2) noise (clipped for display)."""
-        out = []
-        for start in range(0, len(z), batch_size):
-            mean = torch.sigmoid(self.model.decode(z[start:start + batch_size].to(self.device))).cpu()
-            if noise:
-                mean = (mean + self.obs_std * torch.randn(mean.shape, generator=generator)).clamp(0, 1)
-            out.append(mean)
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def encode(self, images_uint8) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(images_uint8)).to(self.device).float() / 255
-        return self.model.encode(x)[0].cpu()
-
-
-def open_run(cfg) -> Run:
-    ckpt = find_checkpoint(cfg.paths.output_dir, obs_std=cfg.get("obs_std"), ckpt=cfg.ckpt)
-    return Run(ckpt, pick_device(str(cfg.device), 0))
 
 
 def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
@@ -78,10 +35,7 @@ def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     """Rows of test faces, each followed by a row of their reconstructions (decoder means of mu)."""
     test = run.split("test")
     faces = test[np.sort(torch.randperm(len(test), generator=generator)[: cfg.n].numpy())]
-    x = torch.as_tensor(faces).float() / 255
-    recon = run.decode(run.encode(faces))
-    rows = [torch.cat([x[i:i + cfg.nrow], recon[i:i + cfg.nrow]]) for i in range(0, len(x), cfg.nrow)]
-    return torch.cat(rows), f"recon_seed{cfg.seed}"
+    return recon_grid(run.model, faces, cfg.nrow), f"recon_seed{cfg.seed}"
 
 
 def interp_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
@@ -97,7 +51,7 @@ def interp_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
 
 def labelled(grid: torch.Tensor, labels: list[str], row_height: int) -> Image.Image:
     """The grid with a white margin on the left holding one label per row."""
-    image = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    image = Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy())
     canvas = Image.new("RGB", (image.width + 110, image.height), "white")
     canvas.paste(image, (110, 0))
     draw = ImageDraw.Draw(canvas)

@@ -1,27 +1,63 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""Fixtures shared by the test modules.
 
+Real data comes through tests/realdata.py (../shared, else pinned upstream files, else a skip);
+`tiny_data` is synthetic and available everywhere.
+"""
+import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from tests.getchu_site import CASCADE, FACES, ILLUSTRATIONS, MONTH_DIR
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def shared_data_present():
-    for path in (CASCADE, FACES, ILLUSTRATIONS, MONTH_DIR):
-        if not path.exists():
-            pytest.exit(f"{path} is missing: the tests read real data from ../shared beside the checkout")
+from pipeline.pack import pack
+from tests import realdata
+from tests.helpers import ROOT, synthetic_faces
 
 
-def run_module(module: str, *overrides: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run `python -m <module> k=v ...` from the project root, as `make` does."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+@pytest.fixture(scope="session")
+def cascade():
+    return realdata.root_for("cascade") / "cascade" / "lbpcascade_animeface.xml"
+
+
+@pytest.fixture(scope="session")
+def illustrations():
+    return realdata.root_for("illustrations") / "data" / "illustrations"
+
+
+@pytest.fixture(scope="session")
+def month_dir():
+    return realdata.root_for("month_pages") / "getchu" / "month_title"
+
+
+@pytest.fixture(scope="session")
+def faces_sample():
+    """A folder whose first 700 tiles (by name) are the real Getchu faces the tests use."""
+    return realdata.root_for("faces_sample") / "data" / "faces" / "getchu-2000-2009"
+
+
+@pytest.fixture(scope="session")
+def faces_full():
+    return realdata.root_for("faces_full") / "data" / "faces" / "getchu-2000-2009"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, faces_sample):
+    """About 600 unique real faces packed as train/test arrays."""
+    root = tmp_path_factory.mktemp("small")
+    faces = root / "faces"
+    faces.mkdir()
+    for path in sorted(faces_sample.glob("*.jpg"))[:700]:
+        (faces / path.name).write_bytes(path.read_bytes())
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf/pack/default.yaml"),
+                          {"faces_dir": str(faces), "size": 64, "test_fraction": 0.15,
+                           "train_file": str(root / "train.npy"), "test_file": str(root / "test.npy")})
+    pack(cfg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """480 synthetic cartoon faces (400 train / 80 test), for tests of mechanics rather than quality."""
+    root = tmp_path_factory.mktemp("tiny")
+    faces = synthetic_faces(480)
+    np.save(root / "train.npy", faces[:400])
+    np.save(root / "test.npy", faces[400:])
+    return root

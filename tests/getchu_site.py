@@ -1,8 +1,8 @@
 """A local Getchu-style site on 127.0.0.1 for offline tests.
 
-Monthly list pages are the real saved pages from ../shared/getchu/month_title/; product pages follow
-the real markup (EUC-JP, relative ./brandnew/ paths, an age gate without the cookie); character
-images are the real illustrations from ../shared/data/illustrations/. Some URLs misbehave on
+Monthly list pages are the real saved pages (getchu/month_title/ of ../shared or of the fetched copy,
+see tests/realdata.py); product pages follow the real markup (EUC-JP, relative ./brandnew/ paths,
+an age gate without the cookie); character images are the real illustrations (data/illustrations/). Some URLs misbehave on
 purpose: a 1x1 placeholder, a non-image, a 503 that recovers, a slow answer, a truncated body, a
 link to another host.
 """
@@ -17,11 +17,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MONTH_DIR = SHARED / "getchu" / "month_title"
-ILLUSTRATIONS = SHARED / "data" / "illustrations"
-CASCADE = SHARED / "cascade" / "lbpcascade_animeface.xml"
-FACES = SHARED / "data" / "faces" / "getchu-2000-2009"
 
 COOKIE = "getchu_adalt_flag=getchu.com"
 AGE_GATE = """<html><head><meta http-equiv="Content-Type" content="text/html; charset=EUC-JP"></head>
@@ -33,8 +28,8 @@ def product_ids(month_file: Path) -> list[str]:
     return list(dict.fromkeys(i.decode() for i in ids))
 
 
-def illustration_files() -> list[Path]:
-    return sorted(p for p in ILLUSTRATIONS.rglob("*") if p.is_file())
+def illustration_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def placeholder_jpeg() -> bytes:
@@ -65,12 +60,13 @@ def product_page(pid: str, title: str, charas: list[str]) -> bytes:
 class GetchuSite:
     """Serves `month` (YYYY_MM) with its products' character images spread over the illustrations."""
 
-    def __init__(self, month: str = "2015_05", faults: bool = True):
-        self.month_file = MONTH_DIR / f"{month}.html"
+    def __init__(self, month_dir: Path, illustrations: Path, month: str = "2015_05", faults: bool = True):
+        self.month_dir = month_dir
+        self.month_file = self.month_dir / f"{month}.html"
         self.ids = product_ids(self.month_file)
         self.images: dict[str, bytes] = {}  # path -> body
         self.pages: dict[str, list] = {pid: [] for pid in self.ids}
-        files = illustration_files()
+        files = illustration_files(illustrations)
         self.served_illustrations = {}
         for k, file in enumerate(files):
             pid = self.ids[k % (len(self.ids) - 1)]  # the last product has no characters
@@ -127,7 +123,7 @@ class GetchuSite:
         if url.path == "/all/month_title.html":
             q = parse_qs(url.query)
             name = f"{q.get('year', [''])[0]}_{q.get('month', [''])[0]}.html"
-            body = (MONTH_DIR / name).read_bytes() if (MONTH_DIR / name).is_file() else \
+            body = (self.month_dir / name).read_bytes() if (self.month_dir / name).is_file() else \
                 "<html><body>該当する商品がありません</body></html>".encode("euc_jp")
             return self.send(handler, 200, body, "text/html; charset=EUC-JP")
         if url.path == "/soft.phtml":

@@ -1,6 +1,5 @@
 import shutil
 
-import cv2
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -8,33 +7,26 @@ from PIL import Image
 
 from pipeline.crop import CropError, crop, square_crop_box
 from pipeline.io import read_jsonl
-from tests.getchu_site import CASCADE, ILLUSTRATIONS, GetchuSite, serve
+from tests.getchu_site import GetchuSite, serve
+from tests.helpers import ROOT, upstream_face_count
 
-CONF = OmegaConf.load("conf/crop/default.yaml")
-
-
-def crop_cfg(tmp_path, input_dir, **overrides):
-    return OmegaConf.merge(CONF, {"input_dir": str(input_dir), "output_dir": str(tmp_path / "faces"),
-                                  "cascade": str(CASCADE), "cascade_cache_dir": str(tmp_path / "cascade")},
-                           overrides)
+CONF = OmegaConf.load(ROOT / "conf/crop/default.yaml")
 
 
-def upstream_face_count(folder):
-    """The plain upstream example: cv2.imread, grey, equalizeHist, detectMultiScale."""
-    cascade = cv2.CascadeClassifier(str(CASCADE))
-    total = 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        img = cv2.imread(str(path))
-        if img is not None:
-            grey = cv2.equalizeHist(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
-            total += len(cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24)))
-    return total
+@pytest.fixture
+def crop_cfg(tmp_path, cascade):
+    def make(input_dir, **overrides):
+        return OmegaConf.merge(CONF, {"input_dir": str(input_dir), "output_dir": str(tmp_path / "faces"),
+                                      "cascade": str(cascade), "cascade_cache_dir": str(tmp_path / "cascade")},
+                               overrides)
+    return make
 
 
-def test_real_illustrations_give_at_least_upstreams_faces_as_64px_rgb_tiles(tmp_path):
-    totals = crop(crop_cfg(tmp_path, ILLUSTRATIONS))
+def test_real_illustrations_give_at_least_upstreams_faces_as_64px_rgb_tiles(tmp_path, crop_cfg, illustrations,
+                                                                            cascade):
+    totals = crop(crop_cfg(illustrations))
     tiles = sorted((tmp_path / "faces").glob("*.png"))
-    assert totals["faces"] == len(tiles) >= upstream_face_count(ILLUSTRATIONS) >= 80
+    assert totals["faces"] == len(tiles) >= upstream_face_count(illustrations, cascade) >= 80
     for tile in tiles:
         with Image.open(tile) as img:
             assert img.size == (64, 64) and img.mode == "RGB"
@@ -42,14 +34,14 @@ def test_real_illustrations_give_at_least_upstreams_faces_as_64px_rgb_tiles(tmp_
     assert sorted(r["tile"] for r in manifest) == [t.name for t in tiles]
     assert all(len(r["box"]) == 4 and r["neighbours"] >= 5 and r["source"] for r in manifest)
 
-    again = crop(crop_cfg(tmp_path, ILLUSTRATIONS))  # rerun: every source already done
+    again = crop(crop_cfg(illustrations))  # rerun: every source already done
     assert again["images"] == 0
 
 
-def test_odd_and_broken_files_are_converted_or_skipped(tmp_path):
+def test_odd_and_broken_files_are_converted_or_skipped(tmp_path, crop_cfg, illustrations):
     src = tmp_path / "in"
     src.mkdir()
-    face = ILLUSTRATIONS / "SICP" / "Hanamaru_Kunikida_Holding_SICP.jpg"
+    face = illustrations / "SICP" / "Hanamaru_Kunikida_Holding_SICP.jpg"
     rgb = Image.open(face).convert("RGB")
     rgb.convert("L").save(src / "grey.png")
     rgb.convert("P", palette=Image.ADAPTIVE).save(src / "palette.gif")
@@ -58,7 +50,7 @@ def test_odd_and_broken_files_are_converted_or_skipped(tmp_path):
     (src / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (src / "garbage.png").write_bytes(b"definitely not a png")
     Image.new("L", (3000, 3000)).save(src / "bomb.png")
-    totals = crop(crop_cfg(tmp_path, src, max_pixels=5_000_000))
+    totals = crop(crop_cfg(src, max_pixels=5_000_000))
     rows = {r["source"]: r for r in read_jsonl(tmp_path / "faces" / "sources.jsonl")}
     assert rows["garbage.png"]["status"] == rows["bomb.png"]["status"] == "skipped"
     assert "max_pixels" in rows["bomb.png"]["reason"]
@@ -68,15 +60,15 @@ def test_odd_and_broken_files_are_converted_or_skipped(tmp_path):
     assert totals["skipped"] == 3
 
 
-def test_transparent_pixels_become_white_in_tiles(tmp_path):
+def test_transparent_pixels_become_white_in_tiles(tmp_path, crop_cfg, illustrations):
     src = tmp_path / "in"
     src.mkdir()
-    face = Image.open(sorted(ILLUSTRATIONS.rglob("*.jpg"))[0]).convert("RGBA")
+    face = Image.open(sorted(illustrations.rglob("*.jpg"))[0]).convert("RGBA")
     arr = np.asarray(face).copy()
     arr[:, :, 3] = 0
     arr[:, :, :3] = 0
     Image.fromarray(arr).save(src / "invisible.png")
-    crop(crop_cfg(tmp_path, src))
+    crop(crop_cfg(src))
     assert not list((tmp_path / "faces").glob("*.png"))  # all white: nothing to find, nothing garbled
 
 
@@ -88,36 +80,43 @@ def test_square_crop_box_stays_inside_the_image():
 
 
 def test_missing_and_corrupt_cascades_are_clear_errors(tmp_path):
+    def cfg(input_dir, cascade):
+        return OmegaConf.merge(CONF, {"input_dir": str(input_dir), "output_dir": str(tmp_path / "faces"),
+                                      "cascade": str(cascade), "cascade_cache_dir": str(tmp_path / "cache")})
+
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "a.png")
     with pytest.raises(CropError, match="does not exist"):
-        crop(crop_cfg(tmp_path, ILLUSTRATIONS, cascade=str(tmp_path / "nope.xml")))
+        crop(cfg(images, tmp_path / "nope.xml"))
     bad = tmp_path / "bad.xml"
     bad.write_text("<opencv_storage></opencv_storage>")
     with pytest.raises(CropError, match="not a valid OpenCV cascade"):
-        crop(crop_cfg(tmp_path, ILLUSTRATIONS, cascade=str(bad)))
+        crop(cfg(images, bad))
     with pytest.raises(CropError, match="is not a folder"):
-        crop(crop_cfg(tmp_path, tmp_path / "missing"))
+        crop(cfg(tmp_path / "missing", bad))
 
 
-def test_cascade_url_is_downloaded_once_and_checked(tmp_path):
+def test_cascade_url_is_downloaded_once_and_checked(tmp_path, crop_cfg, cascade, illustrations):
     hits = []
 
     def handle(handler):
         hits.append(handler.path)
-        GetchuSite.send(handler, 200, CASCADE.read_bytes(), "application/xml")
+        GetchuSite.send(handler, 200, cascade.read_bytes(), "application/xml")
 
     server = serve(handle)
     url = f"http://127.0.0.1:{server.server_address[1]}/lbpcascade_animeface.xml"
     src = tmp_path / "in"
     src.mkdir()
-    shutil.copy(sorted(ILLUSTRATIONS.rglob("*.jpg"))[0], src / "a.jpg")
+    shutil.copy(sorted(illustrations.rglob("*.jpg"))[0], src / "a.jpg")
     cached = tmp_path / "cascade" / "lbpcascade_animeface.xml"
     try:
         with pytest.raises(CropError, match="sha256"):
-            crop(crop_cfg(tmp_path, src, cascade=url, cascade_sha256="0" * 64))
+            crop(crop_cfg(src, cascade=url, cascade_sha256="0" * 64))
         assert not cached.exists()
-        crop(crop_cfg(tmp_path, src, cascade=url))
-        crop(crop_cfg(tmp_path, src, cascade=url))
-        assert cached.read_bytes() == CASCADE.read_bytes() and len(hits) == 2
+        crop(crop_cfg(src, cascade=url))
+        crop(crop_cfg(src, cascade=url))
+        assert cached.read_bytes() == cascade.read_bytes() and len(hits) == 2
     finally:
         server.shutdown()
         server.server_close()

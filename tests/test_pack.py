@@ -6,9 +6,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.pack import PackError, dhash, near_duplicate_groups, pack
-from tests.getchu_site import FACES
+from tests.helpers import ROOT
 
-CONF = OmegaConf.load("conf/pack/default.yaml")
+CONF = OmegaConf.load(ROOT / "conf/pack/default.yaml")
 
 
 def pack_cfg(tmp_path, faces_dir, **overrides):
@@ -17,8 +17,8 @@ def pack_cfg(tmp_path, faces_dir, **overrides):
                                   "test_file": str(tmp_path / "test.npy")}, overrides)
 
 
-def test_shared_face_dataset_packs_into_its_unique_faces(tmp_path):
-    summary = pack(pack_cfg(tmp_path, FACES))
+def test_shared_face_dataset_packs_into_its_unique_faces(tmp_path, faces_full):
+    summary = pack(pack_cfg(tmp_path, faces_full))
     assert summary["files"] == 19992 and summary["exact_duplicates"] == 4096 and summary["unique"] == 15896
     train, test = np.load(tmp_path / "train.npy"), np.load(tmp_path / "test.npy")
     assert train.dtype == test.dtype == np.uint8
@@ -28,15 +28,15 @@ def test_shared_face_dataset_packs_into_its_unique_faces(tmp_path):
     assert len(np.unique(both, axis=0)) == 15896  # no exact duplicate left, none across the split
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert len(splits["test_files"]) == len(test)
-    first = np.asarray(Image.open(FACES / splits["test_files"][0]).convert("RGB")).transpose(2, 0, 1)
+    first = np.asarray(Image.open(faces_full / splits["test_files"][0]).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(first, test[0])
 
 
-def test_split_is_deterministic_and_keeps_near_duplicates_together(tmp_path):
+def test_split_is_deterministic_and_keeps_near_duplicates_together(tmp_path, faces_sample):
     rng = np.random.default_rng(0)
     faces = tmp_path / "faces"
     faces.mkdir()
-    files = list({f.read_bytes(): f for f in sorted(FACES.glob("*.jpg"))[:400]}.values())[:300]
+    files = list({f.read_bytes(): f for f in sorted(faces_sample.glob("*.jpg"))[:400]}.values())[:300]
     for i, f in enumerate(files):
         Image.open(f).save(faces / f"{i:03d}.png")
         if i % 10 == 0:  # a near duplicate: the same face with a little noise

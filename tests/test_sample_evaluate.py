@@ -7,16 +7,15 @@ import torch
 from PIL import Image
 
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
-from tests.conftest import run_module
-from tests.test_train import small_data, train_args  # noqa: F401  (session fixture reused)
+from tests.helpers import run_module, train_args
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory):  # noqa: F811
+def trained(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
-    run_module("pipeline.train", *train_args(small_data, out, "train.max_steps=30"))
+    run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=30"))
     return out
 
 
@@ -70,7 +69,7 @@ def inception():
     return InceptionFeatures("cpu")
 
 
-def test_fid_is_about_zero_for_a_set_against_itself_and_large_against_noise(small_data, inception):  # noqa: F811
+def test_fid_is_about_zero_for_a_set_against_itself_and_large_against_noise(small_data, inception):
     real = np.load(small_data / "test.npy")[:24]
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     feats_real, feats_noise = features(inception, real), features(inception, noise)
@@ -104,10 +103,19 @@ def test_evaluate_writes_metrics_json_with_every_number(trained):
     assert report.stdout.count("| 0.1 |") == 2
 
 
-def test_a_multirun_sweep_over_obs_std_gives_one_sheet_row_per_value(small_data, tmp_path):  # noqa: F811
-    run_module("pipeline.train", "--multirun", "obs_std=0.05,0.3", *train_args(small_data, tmp_path, "train.max_steps=4"))
+def test_a_multirun_sweep_over_obs_std_gives_one_sheet_row_per_value(tiny_data, tmp_path):
+    run_module("pipeline.train", "--multirun", "obs_std=0.05,0.3", *train_args(tiny_data, tmp_path, "train.max_steps=4"))
     assert len(list((tmp_path / "sweep").rglob("ckpt.pt"))) == 2
     path = sample(tmp_path, "sheet=obs_std", "nrow=4").stdout.strip().splitlines()[-1]
     assert Image.open(path).height == 2 * 66 + 2
     proc = sample(tmp_path, "+obs_std=0.3", "n=4")
     assert "obs_std-0.3" in proc.stdout.strip().splitlines()[-1]
+
+
+def test_noisy_samples_follow_the_runs_likelihood(tiny_data, tmp_path):
+    """Gaussian: mean plus N(0, obs_std^2) noise; Bernoulli: a draw of each pixel, so only 0 or 1."""
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "likelihood=bernoulli", "train.max_steps=4"))
+    noisy = np.asarray(Image.open(sample(tmp_path, "noise=true", "n=8").stdout.strip().splitlines()[-1]))
+    means = np.asarray(Image.open(sample(tmp_path, "n=8").stdout.strip().splitlines()[-1]))
+    assert set(np.unique(noisy)) <= {0, 255}
+    assert not set(np.unique(means)) <= {0, 255}  # the means are grey levels, the draws are not

@@ -3,9 +3,24 @@ import pytest
 
 from pipeline.io import read_jsonl
 from pipeline.scrape import ScrapeError, month_range, parse_month_list, parse_product_page, scrape
-from tests.getchu_site import MONTH_DIR, GetchuSite, product_page
+from tests.getchu_site import GetchuSite, product_page
+from tests.helpers import ROOT
 
-CONF = OmegaConf.load("conf/scrape/default.yaml")
+CONF = OmegaConf.load(ROOT / "conf/scrape/default.yaml")
+
+
+@pytest.fixture
+def site(month_dir, illustrations):
+    """A fresh local Getchu-style site (with its faults) for one test."""
+    with GetchuSite(month_dir, illustrations) as site:
+        yield site
+
+
+@pytest.fixture
+def plain_site(month_dir, illustrations):
+    """The same site without faults."""
+    with GetchuSite(month_dir, illustrations, faults=False) as site:
+        yield site
 
 
 def scrape_cfg(site, tmp_path, **overrides):
@@ -16,8 +31,8 @@ def scrape_cfg(site, tmp_path, **overrides):
 
 @pytest.mark.parametrize("month, count", [("2014_12", 91), ("2015_01", 60), ("2015_02", 51),
                                           ("2015_03", 75), ("2015_04", 33), ("2015_05", 30)])
-def test_real_month_pages_list_their_products(month, count):
-    html = (MONTH_DIR / f"{month}.html").read_bytes().decode("euc_jp", errors="replace")
+def test_real_month_pages_list_their_products(month, count, month_dir):
+    html = (month_dir / f"{month}.html").read_bytes().decode("euc_jp", errors="replace")
     products = parse_month_list(html, "https://www.getchu.com/all/month_title.html?genre=pc_soft")
     assert len(products) == count
     first = products[0]
@@ -42,53 +57,51 @@ def test_month_range_and_its_errors():
         month_range("2015-02", "2015-01")
 
 
-def test_scrape_handles_every_fault_and_second_run_requests_nothing(tmp_path):
-    with GetchuSite() as site:
-        counts = scrape(scrape_cfg(site, tmp_path))
-        rows = {r["url"].removeprefix(site.url): r for r in read_jsonl(tmp_path / "raw" / "index.jsonl")}
-        for path, source in site.expected_files.items():
-            row = rows[path]
-            assert row["status"] == "ok", row
-            assert (tmp_path / "raw" / row["file"]).read_bytes() == source.read_bytes()
-        reasons = {site.faulty[p]: rows[p].get("reason") for p in site.faulty}
-        assert reasons["placeholder"] == "placeholder" and reasons["not_image"] == "not_image"
-        offsite = [r for r in rows.values() if r.get("reason") == "offsite"]
-        assert len(offsite) == 1 and site.other.hits == 0
-        # never asked for package, sample or charab images
-        assert all("chara" in p and "charab" not in p for p in site.requests if p.startswith("/brandnew/"))
-        assert all(h.get("Referer", "").startswith(site.url + "/soft.phtml") for p, h in site.log
-                   if p.startswith("/brandnew/"))
-        assert not list((tmp_path / "raw").rglob("*.part"))
-        assert counts["image_ok"] == len(site.expected_files)
+def test_scrape_handles_every_fault_and_second_run_requests_nothing(tmp_path, site):
+    counts = scrape(scrape_cfg(site, tmp_path))
+    rows = {r["url"].removeprefix(site.url): r for r in read_jsonl(tmp_path / "raw" / "index.jsonl")}
+    for path, source in site.expected_files.items():
+        row = rows[path]
+        assert row["status"] == "ok", row
+        assert (tmp_path / "raw" / row["file"]).read_bytes() == source.read_bytes()
+    reasons = {site.faulty[p]: rows[p].get("reason") for p in site.faulty}
+    assert reasons["placeholder"] == "placeholder" and reasons["not_image"] == "not_image"
+    offsite = [r for r in rows.values() if r.get("reason") == "offsite"]
+    assert len(offsite) == 1 and site.other.hits == 0
+    # never asked for package, sample or charab images
+    assert all("chara" in p and "charab" not in p for p in site.requests if p.startswith("/brandnew/"))
+    assert all(h.get("Referer", "").startswith(site.url + "/soft.phtml") for p, h in site.log
+               if p.startswith("/brandnew/"))
+    assert not list((tmp_path / "raw").rglob("*.part"))
+    assert counts["image_ok"] == len(site.expected_files)
 
-        before = sum(site.requests.values())
-        scrape(scrape_cfg(site, tmp_path))
-        assert sum(site.requests.values()) == before  # nothing re-fetched: no page, no image
-
-
-def test_age_gate_without_cookie_is_a_clear_error(tmp_path):
-    with GetchuSite(faults=False) as site:
-        cfg = scrape_cfg(site, tmp_path)
-        cfg.cookies = {}
-        with pytest.raises(ScrapeError, match="age-verification.*scrape.cookies"):
-            scrape(cfg)
+    before = sum(site.requests.values())
+    scrape(scrape_cfg(site, tmp_path))
+    assert sum(site.requests.values()) == before  # nothing re-fetched: no page, no image
 
 
-def test_failed_and_oversized_images_leave_no_file_and_failures_are_retried(tmp_path):
-    with GetchuSite(faults=False) as site:
-        missing = next(iter(site.images))
-        saved = site.images.pop(missing)
-        cfg = scrape_cfg(site, tmp_path, max_bytes=2_000_000, retries=1)
+def test_age_gate_without_cookie_is_a_clear_error(tmp_path, plain_site):
+    cfg = scrape_cfg(plain_site, tmp_path)
+    cfg.cookies = {}
+    with pytest.raises(ScrapeError, match="age-verification.*scrape.cookies"):
         scrape(cfg)
-        rows = {r["url"].removeprefix(site.url): r for r in read_jsonl(tmp_path / "raw" / "index.jsonl")}
-        assert rows[missing]["status"] == "failed" and rows[missing]["reason"] == "http_404"
-        too_large = [p for p, b in site.images.items() if len(b) > 2_000_000]
-        assert too_large and all(rows[p]["reason"] == "too_large" for p in too_large)
-        files = {p.name for p in (tmp_path / "raw").rglob("*.jpg")}
-        assert missing.rsplit("/", 1)[1] not in files
-        assert not any(p.rsplit("/", 1)[1] in files for p in too_large)
 
-        site.images[missing] = saved
-        site.requests.clear()
-        scrape(cfg)
-        assert site.requests[missing] == 1 and site.image_requests() == 1
+
+def test_failed_and_oversized_images_leave_no_file_and_failures_are_retried(tmp_path, plain_site):
+    site = plain_site
+    missing = next(iter(site.images))
+    saved = site.images.pop(missing)
+    cfg = scrape_cfg(site, tmp_path, max_bytes=2_000_000, retries=1)
+    scrape(cfg)
+    rows = {r["url"].removeprefix(site.url): r for r in read_jsonl(tmp_path / "raw" / "index.jsonl")}
+    assert rows[missing]["status"] == "failed" and rows[missing]["reason"] == "http_404"
+    too_large = [p for p, b in site.images.items() if len(b) > 2_000_000]
+    assert too_large and all(rows[p]["reason"] == "too_large" for p in too_large)
+    files = {p.name for p in (tmp_path / "raw").rglob("*.jpg")}
+    assert missing.rsplit("/", 1)[1] not in files
+    assert not any(p.rsplit("/", 1)[1] in files for p in too_large)
+
+    site.images[missing] = saved
+    site.requests.clear()
+    scrape(cfg)
+    assert site.requests[missing] == 1 and site.image_requests() == 1

@@ -1,4 +1,5 @@
-"""Short CPU trainings on a few hundred real faces: the loss goes down, kills resume exactly, DDP runs."""
+"""Short CPU trainings: on real faces the test ELBO improves; on synthetic ones (no real data needed)
+kills resume exactly, SIGTERM saves, DDP runs and bad input fails clearly."""
 import csv
 import os
 import signal
@@ -11,33 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.pack import pack
 from pipeline.runs import load_checkpoint
-from tests.conftest import ROOT, run_module
-from tests.getchu_site import FACES
+from tests.helpers import ROOT, run_module, train_args
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """About 600 unique real faces packed as train/test arrays."""
-    root = tmp_path_factory.mktemp("small")
-    faces = root / "faces"
-    faces.mkdir()
-    for path in sorted(FACES.glob("*.jpg"))[:700]:
-        (faces / path.name).write_bytes(path.read_bytes())
-    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf/pack/default.yaml"),
-                          {"faces_dir": str(faces), "size": 64, "test_fraction": 0.15,
-                           "train_file": str(root / "train.npy"), "test_file": str(root / "test.npy")})
-    pack(cfg)
-    return root
-
-
-def train_args(data_dir, out_dir, *extra):
-    return [f"paths.data_dir={data_dir}", f"paths.output_dir={out_dir}", "device=cpu", "model.width=16",
-            "model.latent_dim=32", "train.batch_size=32", "train.warmup_steps=5", "train.log_every=5",
-            "train.grid_n=16", *extra]
 
 
 def only_run(out_dir):
@@ -79,13 +57,13 @@ def final_params(run_dir):
     return load_checkpoint(run_dir / "ckpt.pt")["model"]
 
 
-def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(small_data, tmp_path):
+def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path):
     common = ["train.max_steps=80", "train.ckpt_every=5"]
-    run_module("pipeline.train", *train_args(small_data, tmp_path / "straight", *common))
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common))
     straight = final_params(only_run(tmp_path / "straight"))
 
     out = tmp_path / "killed"
-    proc = start_training(train_args(small_data, out, *common))
+    proc = start_training(train_args(tiny_data, out, *common))
     ckpt_dir = None
     deadline = time.monotonic() + 120
     while ckpt_dir is None and time.monotonic() < deadline and proc.poll() is None:
@@ -97,7 +75,7 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(s
     assert ckpt_dir is not None, "no checkpoint appeared before the run ended"
     killed_at = load_checkpoint(ckpt_dir / "ckpt.pt")["step"]
     assert killed_at < 80, "the run finished before it could be killed"
-    run_module("pipeline.train", *train_args(small_data, out, *common, f"resume={ckpt_dir}"))
+    run_module("pipeline.train", *train_args(tiny_data, out, *common, f"resume={ckpt_dir}"))
     resumed = final_params(ckpt_dir)
     assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 80
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
@@ -105,8 +83,8 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(s
         assert torch.allclose(value.float(), resumed[name].float(), rtol=1e-5, atol=1e-6), name
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(small_data, tmp_path):
-    proc = start_training(train_args(small_data, tmp_path, "train.max_steps=100000", "train.ckpt_every=100000"))
+def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path):
+    proc = start_training(train_args(tiny_data, tmp_path, "train.max_steps=100000", "train.ckpt_every=100000"))
     metrics = None
     deadline = time.monotonic() + 120
     while metrics is None and time.monotonic() < deadline:
@@ -121,10 +99,10 @@ def test_sigterm_saves_a_checkpoint_before_exiting(small_data, tmp_path):
     assert "resume with" in err
 
 
-def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(small_data, tmp_path):
+def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "pipeline.train", *train_args(small_data, tmp_path, "train.max_steps=12")],
+                           "-m", "pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=12")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path)
@@ -141,8 +119,8 @@ def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(sma
     (["obs_std=-1"], "obs_std=-1 must be > 0"),
     (["device=tpu"], "device='tpu' is not a device"),
 ])
-def test_bad_input_fails_fast_with_a_clear_message(small_data, tmp_path, args, message):
-    proc = run_module("pipeline.train", *train_args(small_data, tmp_path), *args, check=False)
+def test_bad_input_fails_fast_with_a_clear_message(tiny_data, tmp_path, args, message):
+    proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path), *args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
 
@@ -157,8 +135,8 @@ def test_wrong_shape_and_empty_datasets_are_rejected(tmp_path):
     assert proc.returncode == 2 and "is empty" in proc.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(small_data, tmp_path):
-    proc = run_module("pipeline.train", *train_args(small_data, tmp_path, "obs_std=1e-30", "train.max_steps=20"),
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_data, tmp_path):
+    proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path, "obs_std=1e-30", "train.max_steps=20"),
                       check=False)
     assert proc.returncode == 2
     assert "non-finite at step 0" in proc.stderr
