@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.model import VAE, negative_elbo  # noqa: E402
 from pipeline.pack import pack  # noqa: E402
-from pipeline.train import pick_device, train  # noqa: E402
+from pipeline.runs import pick_device  # noqa: E402
+from pipeline.train import train  # noqa: E402
 
 FACES = ROOT.parent / "shared" / "data" / "faces" / "getchu-2000-2009"
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}

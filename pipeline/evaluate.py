@@ -64,9 +64,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "real_sharpness": sharpness(test), "test_to_train_rms_median": float(np.median(test_to_train)),
         "priors": {},
     }
-    for prior_name in cfg.priors:
+    for asked in cfg.priors:
+        prior, prior_name = run.prior(asked, cfg.gmm_components, cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        z = sample_latents(run.prior(prior_name, cfg.gmm_components, cfg.seed), n, run.model.latent_dim, generator)
+        z = sample_latents(prior, n, run.model.latent_dim, generator)
         samples = to_uint8(run.decode(z)).numpy()
         with tqdm(total=n, desc=f"inception ({prior_name} samples)", unit="img") as progress:
             fake = features(extractor, samples, cfg.batch_size, progress)

@@ -1,5 +1,9 @@
 """Priors to sample latent codes from: N(0, I), or a Gaussian mixture fitted ex post to the
-encoder means of the training faces (fills in where the aggregate posterior really puts mass)."""
+encoder means of the training faces (fills in where the aggregate posterior really puts mass).
+
+Training ends by fitting the mixture and storing it as `prior.pt` beside `ckpt.pt`: a run folder
+samples with its best prior without the training data.
+"""
 import logging
 from pathlib import Path
 
@@ -13,6 +17,8 @@ from pipeline.model import VAE, encode_means
 
 log = logging.getLogger(__name__)
 
+PRIOR_NAME = "prior.pt"
+
 
 def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
     gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, max_iter=200, random_state=seed)
@@ -23,18 +29,32 @@ def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
             "cholesky": torch.linalg.cholesky(torch.tensor(gmm.covariances_))}
 
 
-def gmm_prior(model: VAE, ckpt_path: Path, step: int, train_uint8: np.ndarray, components: int, seed: int) -> dict:
-    """The mixture for this checkpoint, fitted once and cached beside it."""
-    cache = Path(ckpt_path).parent / f"gmm_k{components}_step{step}_seed{seed}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
+def fit_gmm_prior(model: VAE, train_uint8: np.ndarray, components: int, seed: int, step: int) -> dict:
+    """A `components`-mixture over the training codes, tagged with what it was fitted for."""
     if len(train_uint8) < components * 2:
         raise PipelineError(f"{len(train_uint8)} training faces are too few for a {components}-component "
-                            "mixture; lower gmm_components")
+                            "mixture; lower gmm_components (sampling) or train.prior_components (training)")
     log.info("fitting a %d-component Gaussian mixture to %d training codes", components, len(train_uint8))
     prior = fit_gmm(encode_means(model, train_uint8).double().numpy(), components, seed)
-    atomic_write(cache, lambda f: torch.save(prior, f))
-    return prior
+    return {"kind": "gmm", "components": components, "seed": seed, "step": step, **prior}
+
+
+def save_prior(run_dir, prior: dict) -> Path:
+    path = Path(run_dir) / PRIOR_NAME
+    atomic_write(path, lambda f: torch.save(prior, f))
+    return path
+
+
+def load_prior(run_dir) -> dict | None:
+    """The prior stored in a run folder, or None for runs trained before priors were stored."""
+    path = Path(run_dir) / PRIOR_NAME
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:
+        raise PipelineError(f"{path} is not a readable prior ({type(err).__name__}); delete it and it is "
+                            "fitted again when the training split is there, or sample with prior=normal") from err
 
 
 def sample_latents(prior: dict | None, n: int, latent_dim: int, generator: torch.Generator) -> torch.Tensor:

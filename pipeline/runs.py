@@ -1,5 +1,6 @@
 """Reopening trained runs: finding a checkpoint under outputs/, loading it safely, the device to use,
-the packed splits it was trained on, and decoding / encoding with its model."""
+the packed splits it was trained on, its prior, and decoding / encoding with its model."""
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +8,11 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.errors import DataError, PipelineError, RunNotFound
+from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
-from pipeline.prior import gmm_prior
+from pipeline.prior import PRIOR_NAME, fit_gmm_prior, load_prior, save_prior
+
+log = logging.getLogger(__name__)
 
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = "animeface-vae/1"
@@ -116,12 +120,44 @@ class Run:
     def split(self, name: str) -> np.ndarray:
         return load_split(self.config["train"][f"{name}_file"], name)
 
-    def prior(self, name: str, components: int, seed: int):
+    def has_split(self, name: str) -> bool:
+        return Path(self.config["train"][f"{name}_file"]).is_file()
+
+    def prior(self, name: str, components: int, seed: int) -> tuple[dict | None, str]:
+        """The distribution to draw codes from, and its name for file names and logs.
+
+        default: the prior stored in the run folder (fitted and stored on first use for runs trained
+        before priors were stored); normal: N(0, I); gmm: a `components`-mixture (the stored one when
+        it has that many components, else fitted to the training split and cached beside the run)."""
         if name == "normal":
-            return None
-        if name == "gmm":
-            return gmm_prior(self.model, self.ckpt_path, self.ckpt["step"], self.split("train"), components, seed)
-        raise PipelineError(f"prior={name!r}: use normal or gmm")
+            return None, "normal"
+        if name not in ("default", "gmm"):
+            raise PipelineError(f"prior={name!r}: use default (the run's stored prior), normal or gmm")
+        stored = load_prior(self.ckpt_path.parent)
+        usable = stored is not None and (name == "default" or stored["components"] == components)
+        if usable and (stored["step"] == self.ckpt["step"] or not self.has_split("train")):
+            if stored["step"] != self.ckpt["step"]:
+                log.warning("%s was fitted at step %d, the checkpoint is at step %d; the training split is not "
+                            "there to refit it, so it is used as it is", PRIOR_NAME, stored["step"], self.ckpt["step"])
+            return stored, stored["kind"]
+        if not self.has_split("train"):
+            raise DataError(f"prior={name} needs a {components}-component mixture that {self.ckpt_path.parent} "
+                            f"does not store, and the training split it is fitted on "
+                            f"({self.config['train']['train_file']}) is not there: restore that file, or sample "
+                            "with prior=normal")
+        if name == "default":
+            prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.ckpt["step"])
+            log.info("stored the fitted prior as %s", save_prior(self.ckpt_path.parent, prior))
+            return prior, prior["kind"]
+        return self.cached_gmm(components, seed), "gmm"
+
+    def cached_gmm(self, components: int, seed: int) -> dict:
+        cache = self.ckpt_path.parent / f"gmm_k{components}_step{self.ckpt['step']}_seed{seed}.pt"
+        if cache.exists():
+            return torch.load(cache, weights_only=True)
+        prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.ckpt["step"])
+        atomic_write(cache, lambda f: torch.save(prior, f))
+        return prior
 
     def decode(self, z: torch.Tensor, noise: bool = False, generator=None) -> torch.Tensor:
         """Images in [0, 1]: decoder means, or a draw from p(x|z) (Gaussian: clipped for display)."""

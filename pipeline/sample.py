@@ -1,7 +1,8 @@
 """Stage 5: pictures from a trained VAE.
 
-    python -m pipeline.sample +obs_std=0.1                 # 64 samples (decoder means) from the newest obs_std=0.1 run
-    python -m pipeline.sample +obs_std=0.1 prior=gmm       # codes from a mixture fitted to the training codes
+    python -m pipeline.sample +obs_std=0.1                 # 64 samples (decoder means) from the newest obs_std=0.1 run,
+                                                           # codes from the prior stored with it (a fitted mixture)
+    python -m pipeline.sample +obs_std=0.1 prior=normal    # codes from N(0, I)
     python -m pipeline.sample sheet=recon|interp|obs_std   # reconstructions, interpolations, one row per obs_std
 
 The last line printed is the path of the PNG written.
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
-    z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed), cfg.n, run.model.latent_dim, generator)
+    prior, prior_name = run.prior(cfg.prior, cfg.gmm_components, cfg.seed)
+    log.info("prior: %s%s", prior_name, " (the run's stored prior)" if cfg.prior == "default" else "")
+    z = sample_latents(prior, cfg.n, run.model.latent_dim, generator)
     kind = "noisy" if cfg.noise else "means"
-    return run.decode(z, cfg.noise, generator), f"samples_{cfg.prior}_{kind}_seed{cfg.seed}"
+    return run.decode(z, cfg.noise, generator), f"samples_{prior_name}_{kind}_seed{cfg.seed}"
 
 
 def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
@@ -72,7 +75,7 @@ def obs_std_sheet(cfg, device) -> tuple[Image.Image, Path]:
     for obs_std, ckpt in sorted(newest.items()):
         run = Run(ckpt, device)
         generator = torch.Generator().manual_seed(cfg.seed)
-        z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed), cfg.nrow, run.model.latent_dim,
+        z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed)[0], cfg.nrow, run.model.latent_dim,
                            generator)
         rows.append(run.decode(z))
         labels.append(f"obs_std={obs_std:g}")

@@ -10,7 +10,7 @@ there, so no image is decoded during training. Rank 0 owns every output: checkpo
 resumable to the exact step), metrics.csv, TensorBoard events, grids and the resolved config.
 
 `train()` runs the phases below in order, each a function of its own:
-setup_processes -> load_splits -> build -> (restore_checkpoint) -> RunOutputs -> train_loop.
+setup_processes -> load_splits -> build -> (restore_checkpoint) -> RunOutputs -> train_loop -> store_prior.
 """
 import csv
 import logging
@@ -37,6 +37,7 @@ from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import to_float
 from pipeline.io import atomic_write
 from pipeline.model import VAE, bits_per_dim, decode_means, evaluate_elbo, negative_elbo, recon_grid
+from pipeline.prior import fit_gmm_prior, save_prior
 from pipeline.runs import CKPT_FORMAT, CKPT_NAME, find_checkpoint, load_checkpoint, load_split, pick_device
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ class TrainError(PipelineError):
 
 @dataclass
 class Proc:
-    """This process's place in the job and the device it trains on."""
+    """This process's place in the job, the device it trains on, and whether it computes in bf16."""
     rank: int
     world: int
     device: torch.device
+    bf16: bool = False
 
     @property
     def main(self) -> bool:
@@ -102,7 +104,28 @@ def setup_processes(cfg) -> Proc:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Proc(rank, world, device)
+    bf16 = use_bf16(str(cfg.train.amp), device.type)
+    if rank == 0:
+        log.info("compute: %s on %s", "bf16 autocast" if bf16 else "fp32", device)
+        if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("train.amp=true on a CPU without AMX or AVX512-BF16: bf16 is emulated there "
+                        "(12 vs 220 img/s fp32 measured on such a CPU); use train.amp=auto")
+    return Proc(rank, world, device, bf16)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: without them bf16 autocast on a CPU is emulated and much slower."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def use_bf16(amp: str, device_type: str) -> bool:
+    """train.amp: auto = bf16 on CUDA only (on CPUs its sample quality is not measured yet); true forces
+    it on CUDA or the CPU; false turns it off."""
+    if amp not in ("auto", "True", "False", "true", "false"):
+        raise TrainError(f"train.amp={amp!r}: use auto, true or false")
+    if amp != "auto":
+        return amp.lower() == "true" and device_type in ("cuda", "cpu")
+    return device_type == "cuda"
 
 
 def broadcast(value, proc: Proc):
@@ -347,11 +370,12 @@ def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Prog
 
 
 def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: torch.Tensor,
-               test_data: torch.Tensor, outputs: RunOutputs | None, total_steps: int) -> None:
+               test_data: torch.Tensor, outputs: RunOutputs | None, total_steps: int) -> int:
+    """Train to `total_steps`; returns 0, or the signal that stopped it (after a checkpoint)."""
     steps_per_epoch = len(train_data) // proc.world // cfg.train.batch_size
     images_per_step = cfg.train.batch_size * proc.world
     ckpt_path = outputs.ckpt_path if outputs else Path(os.devnull)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=proc.device.type == "cuda" and cfg.train.amp)
+    autocast = torch.autocast(proc.device.type if proc.bf16 else "cpu", dtype=torch.bfloat16, enabled=proc.bf16)
     stop, meter, last_good_step = Stop(), Meter(proc, progress.step), progress.step
     order, order_epoch = None, -1
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not proc.main)
@@ -363,7 +387,7 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
             order, order_epoch = epoch_order(len(train_data), epoch, cfg.seed, proc), epoch
         x = next_batch(cfg, train_data, order, batch_no, proc.device)
 
-        # forward (bf16 on CUDA), the exact -ELBO in fp32, one optimizer step
+        # forward (bf16 where the hardware has it), the exact -ELBO in fp32, one optimizer step
         with autocast:
             out, mu, logvar = parts.net(x)
         loss, nll, kl = negative_elbo(x, out, mu, logvar, cfg.likelihood, cfg.obs_std, cfg.beta)
@@ -392,12 +416,9 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
                 outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch))
             last_good_step = step
         if signum:
-            bar.close()
-            if proc.main:
-                log.warning("stopped by signal %d at step %d; checkpoint %s; resume with: "
-                            "python -m pipeline.train resume=%s", signum, step, ckpt_path, outputs.run_dir)
-            raise SystemExit(128 + signum)
+            break
     bar.close()
+    return signum
 
 
 # ---------------------------------------------------------------- all phases
@@ -419,10 +440,17 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     train_data, test_data = torch.from_numpy(train_np).to(proc.device), torch.from_numpy(test_np).to(proc.device)
     start_step, t0 = progress.step, time.perf_counter()
     try:
-        train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, total_steps)
+        signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, total_steps)
+        if outputs:
+            store_prior(cfg, parts.core, train_np, progress, outputs.run_dir)
     finally:
         if outputs:
             outputs.close()
+    if signum:
+        if outputs:
+            log.warning("stopped by signal %d at step %d; checkpoint %s; resume with: "
+                        "python -m pipeline.train resume=%s", signum, progress.step, outputs.ckpt_path, run_dir)
+        raise SystemExit(128 + signum)
     summary = {"run_dir": str(run_dir), "steps": progress.step, "epochs": progress.step / steps_per_epoch,
                "img_per_s": (progress.step - start_step) * cfg.train.batch_size * proc.world
                / max(time.perf_counter() - t0, 1e-9),
@@ -432,6 +460,17 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                  progress.step, summary["epochs"], summary["img_per_s"], progress.best_test_elbo,
                  bits_per_dim(-progress.best_test_elbo, train_np[0].size), outputs.ckpt_path)
     return summary
+
+
+def store_prior(cfg, model: VAE, train_np: np.ndarray, progress: Progress, run_dir: Path) -> None:
+    """Fit the sampling prior to this checkpoint's training codes and store it beside ckpt.pt."""
+    components = min(cfg.train.prior_components, len(train_np) // 2)
+    if components < cfg.train.prior_components:
+        log.warning("%d training faces: fitting %d mixture components instead of train.prior_components=%d",
+                    len(train_np), components, cfg.train.prior_components)
+    prior = fit_gmm_prior(model, train_np, components, cfg.seed, progress.step)
+    log.info("sampling prior (%d-component mixture over the training codes) -> %s", components,
+             save_prior(run_dir, prior))
 
 
 def log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoch, model) -> None:

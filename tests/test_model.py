@@ -67,3 +67,11 @@ def test_decoder_means_live_in_the_data_range_and_logvar_is_clamped():
     assert logvar.max() <= 20 and logvar.min() >= -30
     with pytest.raises(ValueError, match="divisible"):
         VAE(image_size=60, depth=4)
+
+
+def test_bf16_is_used_on_cuda_by_default_and_elsewhere_only_when_asked():
+    from pipeline.train import TrainError, use_bf16
+    assert use_bf16("auto", "cuda") and not use_bf16("auto", "cpu") and not use_bf16("auto", "mps")
+    assert use_bf16("true", "cpu") and use_bf16("True", "cuda") and not use_bf16("false", "cuda")
+    with pytest.raises(TrainError, match="train.amp='maybe'"):
+        use_bf16("maybe", "cpu")

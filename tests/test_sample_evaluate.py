@@ -1,5 +1,6 @@
 """Sampling sheets, their error paths, and the evaluation numbers, on a model trained for a few steps."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -35,13 +36,15 @@ def test_sampling_by_obs_std_is_deterministic_for_a_seed(trained, tmp_path):
 
 def test_default_output_names_say_what_was_drawn(trained):
     path = sample(trained, "noise=true", "n=16").stdout.strip().splitlines()[-1]
-    assert path.endswith("samples_normal_noisy_seed0.png") and Image.open(path).size == (8 * 66 + 2, 2 * 66 + 2)
+    assert path.endswith("samples_gmm_noisy_seed0.png") and Image.open(path).size == (8 * 66 + 2, 2 * 66 + 2)
+    path = sample(trained, "prior=normal", "n=8").stdout.strip().splitlines()[-1]
+    assert path.endswith("samples_normal_means_seed0.png")
     for sheet in ("recon", "interp"):
         path = sample(trained, f"sheet={sheet}", "n=16").stdout.strip().splitlines()[-1]
         assert path.endswith(f"{sheet}_seed0.png") and Image.open(path).size == (8 * 66 + 2, 66 * (4 if sheet == "recon" else 2) + 2)
-    path = sample(trained, "prior=gmm", "gmm_components=4", "n=8").stdout.strip().splitlines()[-1]
+    path = sample(trained, "prior=gmm", "gmm_components=3", "n=8").stdout.strip().splitlines()[-1]
     assert path.endswith("samples_gmm_means_seed0.png")
-    assert list(trained.rglob("gmm_k4_*.pt"))
+    assert list(trained.rglob("gmm_k3_*.pt"))  # not the stored 4-component prior: fitted and cached
     path = sample(trained, "sheet=obs_std").stdout.strip().splitlines()[-1]
     assert Image.open(path).height == 66 + 2  # one trained obs_std: one row
 
@@ -119,3 +122,32 @@ def test_noisy_samples_follow_the_runs_likelihood(tiny_data, tmp_path):
     means = np.asarray(Image.open(sample(tmp_path, "n=8").stdout.strip().splitlines()[-1]))
     assert set(np.unique(noisy)) <= {0, 255}
     assert not set(np.unique(means)) <= {0, 255}  # the means are grey levels, the draws are not
+
+
+def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp_path):
+    """Training stores its fitted mixture as prior.pt; sampling then needs only the run folder."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run_module("pipeline.train", *train_args(data, tmp_path / "out", "train.max_steps=12"))
+    run_dir = next((tmp_path / "out").rglob("ckpt.pt")).parent
+    stored = torch.load(run_dir / "prior.pt", weights_only=True)
+    assert stored["kind"] == "gmm" and stored["components"] == 4 and stored["step"] == 12
+    with_data = sample(tmp_path / "out", "+obs_std=0.1", f"out={tmp_path}/with.png")
+    assert "prior: gmm (the run's stored prior)" in with_data.stdout
+
+    shutil.move(data, tmp_path / "moved")  # the run folder alone, as if copied to another machine
+    sample(tmp_path / "out", "+obs_std=0.1", f"out={tmp_path}/without.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "with.png")),
+                          np.asarray(Image.open(tmp_path / "without.png")))
+    sample(tmp_path / "out", "+obs_std=0.1", "sheet=obs_std")
+    proc = sample(tmp_path / "out", "sheet=recon", check=False)
+    assert proc.returncode == 2 and f"test split not found at {data}/test.npy" in proc.stderr
+    proc = sample(tmp_path / "out", "prior=gmm", "gmm_components=5", check=False)
+    assert proc.returncode == 2 and f"({data}/train.npy) is not there" in proc.stderr
+
+    (run_dir / "prior.pt").unlink()  # a run trained before priors were stored
+    proc = sample(tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "prior=normal" in proc.stderr
+    shutil.move(tmp_path / "moved", data)
+    sample(tmp_path / "out", "gmm_components=6")  # fitted on first use, then stored
+    assert torch.load(run_dir / "prior.pt", weights_only=True)["components"] == 6

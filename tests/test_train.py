@@ -78,6 +78,7 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
     run_module("pipeline.train", *train_args(tiny_data, out, *common, f"resume={ckpt_dir}"))
     resumed = final_params(ckpt_dir)
     assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 80
+    assert torch.load(ckpt_dir / "prior.pt", weights_only=True)["step"] == 80  # refitted when the resumed run ended
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
     for name, value in straight.items():
         assert torch.allclose(value.float(), resumed[name].float(), rtol=1e-5, atol=1e-6), name
@@ -96,6 +97,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     step = load_checkpoint(metrics.parent / "ckpt.pt")["step"]
     assert 10 <= step < 100000
+    assert torch.load(metrics.parent / "prior.pt", weights_only=True)["step"] == step  # stored before exiting
     assert "resume with" in err
 
 
