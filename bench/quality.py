@@ -6,7 +6,7 @@
 2. times 60 training steps to learn this machine's steps/s, and sets train.max_steps so that the
    learning-rate schedule ends when the budget does,
 3. runs `python -m pipeline.train` with that budget (extra ARGS are passed on, e.g. obs_std=0.05),
-4. runs `python -m pipeline.evaluate` on the result and prints its table.
+4. runs `python -m pipeline.evaluate` on the result (the priors of --priors) and prints its table.
 """
 import argparse
 import re
@@ -34,6 +34,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=12)
     parser.add_argument("--tag", default="default")
+    parser.add_argument("--priors", default="normal,default", help="priors `make eval` scores")
     parser.add_argument("args", nargs="*", help="extra k=v overrides for pipeline.train")
     opts = parser.parse_args()
     data = OUT / "data"
@@ -41,7 +42,7 @@ def main():
         run("-m", "pipeline.pack", f"pack.faces_dir={FACES}", f"paths.data_dir={data}", f"paths.output_dir={OUT}")
     common = [f"paths.data_dir={data}", *opts.args]
     log = run("-m", "pipeline.train", *common, f"paths.output_dir={OUT}/calibrate", "train.max_steps=60",
-              "train.log_every=60")
+              "train.log_every=60", "train.prior_components=1")
     img_s = float(re.search(r"done: .*?, ([\d.]+) img/s", log)[1])
     default_batch = OmegaConf.load(ROOT / "conf/train/default.yaml").batch_size
     batch = int(next((a.split("=")[1] for a in opts.args if a.startswith("train.batch_size=")), default_batch))
@@ -53,7 +54,7 @@ def main():
     print(re.findall(r"done: .*", log)[-1])
     print(f"calibrated {img_s:.0f} img/s -> {steps} steps; training took {minutes:.1f} min of wall-clock")
     ckpt = next(out_dir.rglob("ckpt.pt"))
-    print(run("-m", "pipeline.evaluate", f"paths.output_dir={OUT}", f"ckpt={ckpt}"))
+    print(run("-m", "pipeline.evaluate", f"paths.output_dir={OUT}", f"ckpt={ckpt}", f"priors=[{opts.priors}]"))
 
 
 if __name__ == "__main__":
