@@ -100,8 +100,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> VAE:
+    """The model that samples: the weights' moving average when the run kept one (train.ema)."""
     model = VAE(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return model.to(device).eval()
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -65,12 +66,19 @@ class Proc:
 
 @dataclass
 class Parts:
-    """What training updates: the model (`core`, and `net` wrapped for compile/DDP), its optimizer and schedule."""
+    """What training updates: the model (`core`, and `net` wrapped for compile/DDP), its optimizer and
+    schedule, and (train.ema > 0) an exponential moving average of its weights, which samples."""
     core: VAE
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     model_args: dict
+    ema: AveragedModel | None = None
+
+    @property
+    def sampler(self) -> VAE:
+        """The weights that make pictures: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.core
 
 
 @dataclass
@@ -171,7 +179,12 @@ def build(cfg, image_size: int, proc: Proc, total_steps: int) -> Parts:
                                   fused=proc.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
-    return Parts(core, core, optimizer, scheduler, model_args)
+    ema = None
+    if cfg.train.ema:
+        if not 0 < cfg.train.ema < 1:
+            raise TrainError(f"train.ema={cfg.train.ema} must be in (0, 1) (e.g. 0.999), or 0 for no average")
+        ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
+    return Parts(core, core, optimizer, scheduler, model_args, ema)
 
 
 def wrap(cfg, parts: Parts, proc: Proc) -> None:
@@ -202,7 +215,8 @@ def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_pe
             "step": progress.step, "epoch": progress.step // steps_per_epoch,
             "best_test_elbo": progress.best_test_elbo, "rng": rngs,
             "obs_std": float(cfg.obs_std), "likelihood": cfg.likelihood,
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            **({"ema": parts.ema.module.state_dict(), "ema_n": int(parts.ema.n_averaged)} if parts.ema else {})}
 
 
 def restore_checkpoint(path: Path, parts: Parts, proc: Proc) -> Progress:
@@ -213,6 +227,11 @@ def restore_checkpoint(path: Path, parts: Parts, proc: Proc) -> Progress:
     parts.core.load_state_dict(ckpt["model"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if parts.ema is not None:
+        if "ema" not in ckpt:
+            raise TrainError(f"{path} was trained without train.ema; resume it with train.ema=0")
+        parts.ema.module.load_state_dict(ckpt["ema"])
+        parts.ema.n_averaged.fill_(ckpt["ema_n"])
     rng = ckpt["rng"][proc.rank] if proc.rank < len(ckpt["rng"]) else ckpt["rng"][0]
     torch.set_rng_state(rng["cpu"].cpu())
     if proc.device.type == "cuda" and rng.get("cuda") is not None:
@@ -363,7 +382,7 @@ def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Prog
     if end_of_epoch:
         row.update(evaluate_elbo(parts.core, test, cfg.likelihood, cfg.obs_std, cfg.train.eval_batch_size))
         progress.best_test_elbo = max(progress.best_test_elbo, row["test_elbo"])
-        outputs.save_grids(parts.core, test, math.ceil(step / steps_per_epoch))
+        outputs.save_grids(parts.sampler, test, math.ceil(step / steps_per_epoch))
         log.info("epoch %.2f step %d: test ELBO %.1f nats/image (%.3f bits/dim), nll %.1f, kl %.1f",
                  row["epoch"], step, row["test_elbo"], row["test_bpd"], row["test_nll"], row["test_kl"])
     outputs.write_row(row)
@@ -395,6 +414,8 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
         loss.backward()
         parts.optimizer.step()
         parts.scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update_parameters(parts.core)
         meter.add(progress.step, loss, nll, kl)
         progress.step += 1
         bar.update()
@@ -442,7 +463,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     try:
         signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, total_steps)
         if outputs:
-            store_prior(cfg, parts.core, train_np, progress, outputs.run_dir)
+            store_prior(cfg, parts.sampler, train_np, progress, outputs.run_dir)
     finally:
         if outputs:
             outputs.close()

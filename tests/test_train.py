@@ -53,14 +53,12 @@ def start_training(args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def final_params(run_dir):
-    return load_checkpoint(run_dir / "ckpt.pt")["model"]
-
-
-def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path):
-    common = ["train.max_steps=80", "train.ckpt_every=5"]
+@pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
+def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path, ema):
+    common = ["train.max_steps=80", "train.ckpt_every=5", ema]
     run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common))
-    straight = final_params(only_run(tmp_path / "straight"))
+    straight_ckpt = load_checkpoint(only_run(tmp_path / "straight") / "ckpt.pt")
+    straight = {**straight_ckpt["model"], **{f"ema.{k}": v for k, v in straight_ckpt.get("ema", {}).items()}}
 
     out = tmp_path / "killed"
     proc = start_training(train_args(tiny_data, out, *common))
@@ -76,7 +74,9 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
     killed_at = load_checkpoint(ckpt_dir / "ckpt.pt")["step"]
     assert killed_at < 80, "the run finished before it could be killed"
     run_module("pipeline.train", *train_args(tiny_data, out, *common, f"resume={ckpt_dir}"))
-    resumed = final_params(ckpt_dir)
+    resumed_ckpt = load_checkpoint(ckpt_dir / "ckpt.pt")
+    resumed = {**resumed_ckpt["model"], **{f"ema.{k}": v for k, v in resumed_ckpt.get("ema", {}).items()}}
+    assert ("ema.project.weight" in resumed) == (ema == "train.ema=0.9")
     assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 80
     assert torch.load(ckpt_dir / "prior.pt", weights_only=True)["step"] == 80  # refitted when the resumed run ended
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
