@@ -24,6 +24,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+from hydra import compose
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -503,9 +504,22 @@ def log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoc
              total_steps, steps_per_epoch, sum(p.numel() for p in model.parameters()) / 1e6)
 
 
+def resolve_preset(cfg: DictConfig) -> DictConfig:
+    """preset=auto becomes preset=gpu on a CUDA device and preset=cpu elsewhere, composed again with the
+    same command-line overrides, so that keys given there still win over the preset's."""
+    if cfg.get("preset_name", "auto") != "auto":
+        return cfg
+    name = "gpu" if pick_device(str(cfg.device), dist_env()[2]).type == "cuda" else "cpu"
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("preset=")]
+    return compose(config_name="train", overrides=[*overrides, f"preset={name}"])
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    cfg = resolve_preset(cfg)
+    log.info("preset: %s%s", cfg.preset_name, "" if "preset=" in " ".join(HydraConfig.get().overrides.task)
+             else " (chosen from the device)")
     try:
         train(cfg)
     finally:

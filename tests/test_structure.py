@@ -102,3 +102,15 @@ def test_missing_real_data_is_fetched_by_pinned_hash_from_a_local_server(tmp_pat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_cpu_preset_is_the_documented_default_and_the_gpu_preset_differs():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        plain = compose(config_name="train", overrides=["preset=auto"])
+        cpu = compose(config_name="train", overrides=["preset=cpu"])
+        gpu = compose(config_name="train", overrides=["preset=gpu", "train.epochs=7"])
+    for key in ("model", "train"):
+        assert OmegaConf.to_container(plain[key]) == OmegaConf.to_container(cpu[key])
+    assert cpu.preset_name == "cpu" and gpu.preset_name == "gpu"
+    assert gpu.model.width > cpu.model.width and gpu.train.batch_size > cpu.train.batch_size
+    assert gpu.train.epochs == 7  # a key given on the command line wins over the preset

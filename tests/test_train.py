@@ -142,3 +142,14 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_data, tmp_path):
                       check=False)
     assert proc.returncode == 2
     assert "non-finite at step 0" in proc.stderr
+
+
+def test_the_preset_is_chosen_from_the_device_unless_given(tiny_data, tmp_path):
+    auto = run_module("pipeline.train", *train_args(tiny_data, tmp_path / "auto", "train.max_steps=2"))
+    assert "preset: cpu (chosen from the device)" in auto.stdout
+    assert OmegaConf.load(only_run(tmp_path / "auto") / "config.yaml").preset_name == "cpu"
+    asked = run_module("pipeline.train", "preset=gpu", *train_args(tiny_data, tmp_path / "gpu", "train.max_steps=2"))
+    assert "preset: gpu" in asked.stdout and "chosen from the device" not in asked.stdout
+    config = OmegaConf.load(only_run(tmp_path / "gpu") / "config.yaml")
+    assert config.preset_name == "gpu" and config.train.epochs == 300  # the preset's schedule
+    assert config.model.width == 16 and config.train.batch_size == 32  # the command line still wins
