@@ -118,7 +118,7 @@ def setup_processes(cfg) -> Proc:
         log.info("compute: %s on %s", "bf16 autocast" if bf16 else "fp32", device)
         if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
             log.warning("train.amp=true on a CPU without AMX or AVX512-BF16: bf16 is emulated there "
-                        "(12 vs 220 img/s fp32 measured on such a CPU); use train.amp=auto")
+                        "(11 vs 210-235 img/s fp32 measured on such a CPU); use train.amp=auto")
     return Proc(rank, world, device, bf16)
 
 
