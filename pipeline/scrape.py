@@ -10,6 +10,7 @@ import logging
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urljoin, urlsplit
 
@@ -20,8 +21,10 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3.exceptions import NewConnectionError
 from urllib3.util.retry import Retry
 
+from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.io import JsonlLog, atomic_write_bytes, read_jsonl
 
@@ -30,8 +33,37 @@ log = logging.getLogger(__name__)
 PRODUCT_LINK_RE = re.compile(r"soft\.phtml\?id=(\d+)")
 CHARA_IMAGE_RE = re.compile(r"/brandnew/(\d+)/c\1chara\d+\.jpg$")
 AGE_GATE_MARK = "年齢認証"
+MAX_REDIRECTS = 5
 BODY_ERRORS = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError,
                requests.exceptions.Timeout)
+
+
+@dataclass
+class ScrapeConfig:
+    """The keys of conf/scrape/default.yaml, their types and ranges."""
+    base_url: str = key()
+    genres: list[str] = key(low=1)
+    start: str = key()
+    end: str = key()
+    delay: float = key(low=0)
+    timeout: float = key(low=0.1)
+    retries: int = key(low=0)
+    body_retries: int = key(low=0)
+    backoff: float = key(low=0)
+    max_bytes: int = key(low=1)
+    min_side: int = key(low=1)
+    retry_failed: bool = key()
+    max_failures_in_a_row: int = key(low=1)
+    encoding: str = key()
+    user_agent: str = key()
+    cookies: dict[str, str] = key()
+    raw_dir: str = key()
+
+
+@dataclass
+class ScrapeJob:
+    paths: Paths = key(default=Paths)
+    scrape: ScrapeConfig = key(default=ScrapeConfig)
 
 
 class ScrapeError(PipelineError):
@@ -40,6 +72,23 @@ class ScrapeError(PipelineError):
 
 class TooLarge(Exception):
     pass
+
+
+class OffsiteRedirect(Exception):
+    """A redirect to another host than scrape.base_url's: refused, nothing is sent there."""
+
+
+def is_unreachable(err: Exception) -> bool:
+    """A failure to connect at all (DNS, refused, connect timeout), as opposed to a broken transfer."""
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return isinstance(err, requests.exceptions.ConnectionError) and isinstance(reason, NewConnectionError)
+
+
+def failure_cause(err: Exception) -> str:
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return str(reason or err).split(": ", 1)[-1]
 
 
 def month_range(start: str, end: str) -> list[tuple[int, int]]:
@@ -114,7 +163,8 @@ class Client:
     def __init__(self, cfg):
         self.cfg = cfg
         self.host = urlsplit(cfg.base_url).netloc
-        retry = Retry(total=cfg.retries, connect=cfg.retries, read=cfg.retries, status=cfg.retries,
+        # one quick reconnect only: a host that cannot be reached is reported, not retried for minutes
+        retry = Retry(total=cfg.retries, connect=min(cfg.retries, 1), read=cfg.retries, status=cfg.retries,
                       backoff_factor=cfg.backoff, status_forcelist=[408, 429, 500, 502, 503, 504],
                       allowed_methods=["GET"], respect_retry_after_header=True,
                       raise_on_status=False)
@@ -132,19 +182,31 @@ class Client:
         return urlsplit(url).netloc == self.host
 
     def get(self, url: str, referer: str | None = None) -> tuple[int, bytes]:
-        """Status and body of `url`; a body cut off mid-transfer is fetched again (body_retries)."""
-        if not self.on_host(url):
-            raise ScrapeError(f"refusing to fetch {url}: not on scrape.base_url's host {self.host}")
+        """Status and body of `url`, following redirects only on the host; a body cut off mid-transfer
+        is fetched again (body_retries)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            if not self.on_host(url):
+                raise OffsiteRedirect(url)
+            status, body, location = self._get_once(url, referer)
+            if location is None:
+                return status, body
+            url = urljoin(url, location)
+        raise requests.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
+
+    def _get_once(self, url: str, referer: str | None) -> tuple[int, bytes, str | None]:
         headers = {"Referer": referer} if referer else {}
         for attempt in range(self.cfg.body_retries + 1):
             time.sleep(max(0.0, self._last + self.cfg.delay - time.monotonic()))
             self._last = time.monotonic()
             self.requests += 1
             try:
-                with self.session.get(url, headers=headers, timeout=self.cfg.timeout, stream=True) as resp:
-                    return resp.status_code, self._read_capped(resp)
-            except BODY_ERRORS:
-                if attempt == self.cfg.body_retries:
+                with self.session.get(url, headers=headers, timeout=self.cfg.timeout, stream=True,
+                                      allow_redirects=False) as resp:
+                    if resp.is_redirect:
+                        return resp.status_code, b"", resp.headers["Location"]
+                    return resp.status_code, self._read_capped(resp), None
+            except BODY_ERRORS as err:
+                if attempt == self.cfg.body_retries or is_unreachable(err):
                     raise
                 log.info("retrying %s after a broken transfer", url)
                 time.sleep(self.cfg.backoff * 2 ** attempt)
@@ -160,10 +222,6 @@ class Client:
             chunks.append(chunk)
         self.bytes += total
         return b"".join(chunks)
-
-    def get_html(self, url: str, referer: str | None = None) -> tuple[int, str]:
-        status, body = self.get(url, referer)
-        return status, body.decode(self.cfg.encoding, errors="replace")
 
 
 def latest_rows(index_path: Path) -> dict[str, dict]:
@@ -183,6 +241,7 @@ class Scraper:
         self.done = latest_rows(self.index_path)
         self.client = Client(cfg)
         self.counts = Counter()
+        self.answered_ok = self.unreachable_in_a_row = 0
 
     def is_done(self, url: str) -> bool:
         row = self.done.get(url)
@@ -197,18 +256,45 @@ class Scraper:
         self.done[row["url"]] = row
         self.counts[f"{row['kind']}_{row['status']}" + (f"_{row['reason']}" if row.get("reason") else "")] += 1
 
-    def fetch_page(self, index: JsonlLog, kind: str, url: str, referer=None, **meta) -> str | None:
-        """HTML of a page, or None after recording why it could not be had."""
+    def request(self, url: str, referer: str | None = None) -> tuple[int | None, bytes | str]:
+        """(HTTP status, body), or (None, the reason it could not be had)."""
         try:
-            status, html = self.client.get_html(url, referer)
-        except (requests.RequestException, TooLarge) as err:
-            self.record(index, {"kind": kind, "url": url, "status": "failed", "reason": type(err).__name__, **meta})
-            log.warning("%s %s failed: %s", kind, url, err)
-            return None
+            status, body = self.client.get(url, referer)
+        except TooLarge:
+            return None, "too_large"
+        except OffsiteRedirect as err:
+            log.warning("%s redirects to %s, off scrape.base_url's host: refused", url, err)
+            return None, "offsite_redirect"
+        except requests.RequestException as err:
+            self.note_failure(url, err)
+            return None, "unreachable" if is_unreachable(err) else type(err).__name__
+        self.unreachable_in_a_row = 0
+        self.answered_ok += status == 200
+        return status, body
+
+    def note_failure(self, url: str, err: requests.RequestException) -> None:
+        """Log it; stop the run when the site cannot be reached at the start or stops answering."""
+        log.warning("%s failed: %s", url, failure_cause(err))
+        if not is_unreachable(err):
+            return
+        self.unreachable_in_a_row += 1
+        if self.answered_ok == 0 and self.unreachable_in_a_row == 1:
+            raise ScrapeError(f"cannot reach {url}: {failure_cause(err)}; check scrape.base_url="
+                              f"{self.cfg.base_url} and the network (nothing was fetched this run)")
+        if self.unreachable_in_a_row >= self.cfg.max_failures_in_a_row:
+            raise ScrapeError(f"the site stopped answering: {self.unreachable_in_a_row} requests in a row could "
+                              f"not connect (last: {url}: {failure_cause(err)}); everything fetched so far is "
+                              f"kept in {self.index_path}: run the same command again to resume")
+
+    def fetch_page(self, index: JsonlLog, kind: str, url: str, **meta) -> str | None:
+        """HTML of a page, or None after recording why it could not be had."""
+        status, body = self.request(url)
         if status != 200:
-            self.record(index, {"kind": kind, "url": url, "status": "failed", "reason": f"http_{status}", **meta})
-            log.warning("%s %s answered HTTP %d", kind, url, status)
+            reason = body if status is None else f"http_{status}"
+            self.record(index, {"kind": kind, "url": url, "status": "failed", "reason": reason, **meta})
+            log.warning("%s %s failed: %s", kind, url, reason)
             return None
+        html = body.decode(self.cfg.encoding, errors="replace")
         if is_age_gate(html):
             raise ScrapeError(
                 f"{url} answered with the age-verification page ({AGE_GATE_MARK}): the site refused "
@@ -219,12 +305,18 @@ class Scraper:
         url = month_list_url(self.cfg.base_url, genre, year, month)
         if self.is_done(url):
             return self.done[url].get("products", [])
-        html = self.fetch_page(index, "month", url, genre=genre, month=f"{year}-{month:02d}")
+        meta = {"genre": genre, "month": f"{year}-{month:02d}"}
+        html = self.fetch_page(index, "month", url, **meta)
         if html is None:
             return []
         products = [p for p in parse_month_list(html, url) if self.client.on_host(p["url"])]
-        self.record(index, {"kind": "month", "url": url, "status": "ok", "genre": genre,
-                            "month": f"{year}-{month:02d}", "products": products})
+        if not products:  # an empty month, or markup the parser no longer recognises
+            log.warning("%s lists no product (no a.black link to soft.phtml?id=N): not recorded, "
+                        "fetched again next run", url)
+            self.counts["month_unrecognised"] += 1
+            return []
+        self.counts["month_recognised"] += 1
+        self.record(index, {"kind": "month", "url": url, "status": "ok", **meta, "products": products})
         return products
 
     def product_images(self, index: JsonlLog, product: dict) -> list[str]:
@@ -244,17 +336,12 @@ class Scraper:
         if not self.client.on_host(url):
             self.record(index, {**row, "status": "skipped", "reason": "offsite"})
             return
-        try:
-            status, data = self.client.get(url, referer=product["url"])
-        except TooLarge:
-            self.record(index, {**row, "status": "skipped", "reason": "too_large"})
-            return
-        except requests.RequestException as err:
-            log.warning("image %s failed: %s", url, err)
-            self.record(index, {**row, "status": "failed", "reason": type(err).__name__})
+        status, data = self.request(url, referer=product["url"])
+        if status is None and data in ("too_large", "offsite_redirect"):
+            self.record(index, {**row, "status": "skipped", "reason": data})
             return
         if status != 200:
-            self.record(index, {**row, "status": "failed", "reason": f"http_{status}"})
+            self.record(index, {**row, "status": "failed", "reason": data if status is None else f"http_{status}"})
             return
         reason, size = check_image(data, self.cfg.min_side)
         if reason:
@@ -267,6 +354,12 @@ class Scraper:
                             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                             "width": size[0], "height": size[1]})
 
+    def check_month_pages_recognised(self) -> None:
+        if self.counts["month_unrecognised"] and not self.counts["month_recognised"]:
+            raise ScrapeError(f"none of the {self.counts['month_unrecognised']} monthly list pages fetched lists a "
+                              "product (no a.black link to soft.phtml?id=N): the site's markup may have changed "
+                              "(pipeline/scrape.py: parse_month_list), or the months asked for are empty")
+
     def run(self) -> Counter:
         start = time.monotonic()
         months = month_range(self.cfg.start, self.cfg.end)
@@ -275,12 +368,16 @@ class Scraper:
             for genre in self.cfg.genres:
                 for year, month in tqdm(months, desc=f"month lists ({genre})", unit="month"):
                     products += self.month_products(index, genre, year, month)
+            self.check_month_pages_recognised()
             for product in tqdm(products, desc="products", unit="product"):
                 for url in self.product_images(index, product):
                     if not self.is_done(url):
                         self.fetch_image(index, product, url)
         self.counts["requests"] = self.client.requests
         self.counts["bytes"] = self.client.bytes
+        if self.client.requests and not self.answered_ok:
+            raise ScrapeError(f"every one of {self.client.requests} requests failed (reasons in "
+                              f"{self.index_path}); check scrape.base_url={self.cfg.base_url}")
         skipped = {k: v for k, v in sorted(self.counts.items()) if "skipped" in k or "failed" in k}
         log.info("scrape done: %d month pages, %d products, %d images saved, skipped/failed %s, "
                  "%d requests, %.1f MB, %.0f s", len(months) * len(self.cfg.genres), len(products),
@@ -296,7 +393,7 @@ def scrape(cfg: DictConfig) -> Counter:
 @hydra.main(config_path="../conf", config_name="scrape", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    scrape(cfg.scrape)
+    scrape(checked(cfg, ScrapeJob).scrape)
 
 
 if __name__ == "__main__":

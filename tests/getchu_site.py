@@ -4,7 +4,7 @@ Monthly list pages are the real saved pages (getchu/month_title/ of ../shared or
 see tests/realdata.py); product pages follow the real markup (EUC-JP, relative ./brandnew/ paths,
 an age gate without the cookie); character images are the real illustrations (data/illustrations/). Some URLs misbehave on
 purpose: a 1x1 placeholder, a non-image, a 503 that recovers, a slow answer, a truncated body, a
-link to another host.
+link to another host, a redirect on the host and one to another host.
 """
 import io
 import re
@@ -60,7 +60,9 @@ def product_page(pid: str, title: str, charas: list[str]) -> bytes:
 class GetchuSite:
     """Serves `month` (YYYY_MM) with its products' character images spread over the illustrations."""
 
-    def __init__(self, month_dir: Path, illustrations: Path, month: str = "2015_05", faults: bool = True):
+    def __init__(self, month_dir: Path, illustrations: Path, month: str = "2015_05", faults: bool = True,
+                 port: int = 0):
+        self.port = port
         self.month_dir = month_dir
         self.month_file = self.month_dir / f"{month}.html"
         self.ids = product_ids(self.month_file)
@@ -82,12 +84,14 @@ class GetchuSite:
         self.requests = Counter()
         self.log: list[tuple[str, dict]] = []
         self.once_done: set[str] = set()
+        self.stop_after: int | None = None
         self._lock = threading.Lock()
 
     def _add_faults(self):
         pid = self.ids[0]
         bad = {"placeholder": placeholder_jpeg(), "not_image": b"<html>404 Not Found</html>"}
-        kinds = ["placeholder", "not_image", "503_once", "slow_once", "truncated_once"]
+        kinds = ["placeholder", "not_image", "503_once", "slow_once", "truncated_once", "redirect_here",
+                 "redirect_away"]
         good = next(iter(self.images.values()))
         for kind in kinds:
             n = len(self.pages[pid]) + 1
@@ -105,7 +109,7 @@ class GetchuSite:
         good = dict(self.served_illustrations)
         first = next(iter(self.served_illustrations.values()))
         for path, kind in self.faulty.items():
-            if kind.endswith("_once"):
+            if kind.endswith("_once") or kind == "redirect_here":
                 good[path] = first
         return good
 
@@ -113,6 +117,13 @@ class GetchuSite:
         return sum(c for p, c in self.requests.items() if p.startswith("/brandnew/"))
 
     def handle(self, handler: BaseHTTPRequestHandler):
+        """Answer; once `stop_after` requests are answered, the site goes away (connections refused)."""
+        self._answer(handler)
+        if self.stop_after is not None and sum(self.requests.values()) >= self.stop_after:
+            handler.close_connection = True
+            threading.Thread(target=self.server.server_close).start()
+
+    def _answer(self, handler: BaseHTTPRequestHandler):
         url = urlsplit(handler.path)
         with self._lock:
             self.requests[url.path] += 1
@@ -139,6 +150,10 @@ class GetchuSite:
                 return self.send(handler, 403, b"forbidden", "text/html")
             kind = self.faulty.get(url.path)
             body = self.images[url.path]
+            if kind == "redirect_here":
+                return self.send(handler, 302, b"", "text/html", {"Location": next(iter(self.served_illustrations))})
+            if kind == "redirect_away":
+                return self.send(handler, 302, b"", "text/html", {"Location": self.other.url + url.path})
             if kind == "503_once" and first_time:
                 return self.send(handler, 503, b"busy", "text/html", {"Retry-After": "1"})
             if kind == "slow_once" and first_time:
@@ -165,7 +180,7 @@ class GetchuSite:
             handler.close_connection = True
 
     def __enter__(self):
-        self.server = serve(self.handle)
+        self.server = serve(self.handle, self.port)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         return self
 
@@ -194,7 +209,7 @@ class OtherHost:
         self.server.server_close()
 
 
-def serve(handle) -> ThreadingHTTPServer:
+def serve(handle, port: int = 0) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             handle(self)
@@ -202,7 +217,7 @@ def serve(handle) -> ThreadingHTTPServer:
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

@@ -1,10 +1,13 @@
+import shutil
+import socket
+
 from omegaconf import OmegaConf
 import pytest
 
 from pipeline.io import read_jsonl
-from pipeline.scrape import ScrapeError, month_range, parse_month_list, parse_product_page, scrape
+from pipeline.scrape import ScrapeError, latest_rows, month_range, parse_month_list, parse_product_page, scrape
 from tests.getchu_site import GetchuSite, product_page
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_module
 
 CONF = OmegaConf.load(ROOT / "conf/scrape/default.yaml")
 
@@ -66,6 +69,7 @@ def test_scrape_handles_every_fault_and_second_run_requests_nothing(tmp_path, si
         assert (tmp_path / "raw" / row["file"]).read_bytes() == source.read_bytes()
     reasons = {site.faulty[p]: rows[p].get("reason") for p in site.faulty}
     assert reasons["placeholder"] == "placeholder" and reasons["not_image"] == "not_image"
+    assert reasons["redirect_away"] == "offsite_redirect"  # refused: nothing sent to the other host
     offsite = [r for r in rows.values() if r.get("reason") == "offsite"]
     assert len(offsite) == 1 and site.other.hits == 0
     # never asked for package, sample or charab images
@@ -105,3 +109,55 @@ def test_failed_and_oversized_images_leave_no_file_and_failures_are_retried(tmp_
     site.requests.clear()
     scrape(cfg)
     assert site.requests[missing] == 1 and site.image_requests() == 1
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_site_fails_at_once_with_one_line(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}"
+    proc = run_module("pipeline.scrape", f"scrape.base_url={url}", "scrape.start=2015-01", "scrape.end=2015-12",
+                      f"paths.data_dir={tmp_path}/data", f"paths.output_dir={tmp_path}/out", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot reach {url}/all/month_title.html")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.log"))
+
+
+def test_site_going_away_stops_the_run_and_a_rerun_resumes(tmp_path, month_dir, illustrations):
+    with GetchuSite(month_dir, illustrations, faults=False) as site:
+        port = site.server.server_address[1]
+        site.stop_after = 4
+        with pytest.raises(ScrapeError, match="stopped answering: 3 requests in a row.*run the same command"):
+            scrape(scrape_cfg(site, tmp_path, max_failures_in_a_row=3))
+        fetched = set(site.requests)
+    kept = {r["url"] for r in read_jsonl(tmp_path / "raw" / "index.jsonl") if r["status"] == "ok"}
+    assert len(kept) == 4 and any("month_title" in u for u in kept)
+    with GetchuSite(month_dir, illustrations, faults=False, port=port) as site:
+        counts = scrape(scrape_cfg(site, tmp_path))
+        assert "/all/month_title.html" not in site.requests  # what was kept is not fetched again
+        assert not fetched & {p for p in site.requests if p.startswith("/brandnew/")}
+        rows = latest_rows(tmp_path / "raw" / "index.jsonl")
+        assert all(rows[site.url + path]["status"] == "ok" for path in site.expected_files)
+        assert counts["image_ok"] == len(site.expected_files) - sum(1 for u in kept if "/brandnew/" in u)
+
+
+def test_month_page_with_unknown_markup_is_reported_not_cached(tmp_path, month_dir, illustrations):
+    pages = tmp_path / "pages"
+    shutil.copytree(month_dir, pages)
+    real = (pages / "2015_05.html").read_bytes()
+    (pages / "2015_05.html").write_bytes(real.replace(b'class="black"', b'class="item-title"'))
+    with GetchuSite(pages, illustrations, month="2015_04", faults=False) as site:
+        counts = scrape(scrape_cfg(site, tmp_path, start="2015-04", end="2015-05"))
+        assert counts["month_unrecognised"] == 1 and counts["month_recognised"] == 1
+        months = [r["month"] for r in read_jsonl(tmp_path / "raw" / "index.jsonl") if r["kind"] == "month"]
+        assert months == ["2015-04"]  # the unrecognised month is not recorded as done
+        with pytest.raises(ScrapeError, match="none of the 1 monthly list pages.*markup may have changed"):
+            scrape(scrape_cfg(site, tmp_path / "other", start="2015-05", end="2015-05"))
+        (pages / "2015_05.html").write_bytes(real)
+        site.requests.clear()
+        counts = scrape(scrape_cfg(site, tmp_path, start="2015-04", end="2015-05"))
+        assert site.requests["/all/month_title.html"] == 1 and counts["month_recognised"] == 1
