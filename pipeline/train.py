@@ -38,7 +38,7 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import to_float
 from pipeline.io import atomic_write
-from pipeline.model import VAE, bits_per_dim, decode_means, evaluate_elbo, negative_elbo, recon_grid
+from pipeline.model import VAE, bits_per_dim, decode_means, evaluate_elbo, model_settings, negative_elbo, recon_grid
 from pipeline.prior import fit_gmm_prior, save_prior
 from pipeline.runs import CKPT_FORMAT, CKPT_NAME, find_checkpoint, load_checkpoint, load_split, pick_device
 
@@ -171,8 +171,7 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 def build(cfg, image_size: int, proc: Proc, total_steps: int) -> Parts:
     """Model (seeded by cfg.seed, so every rank starts equal), AdamW, warmup + cosine schedule."""
     torch.manual_seed(cfg.seed)
-    model_args = {"image_size": image_size, "width": cfg.model.width, "depth": cfg.model.depth,
-                  "latent_dim": cfg.model.latent_dim, "max_channels": cfg.model.max_channels}
+    model_args = {"image_size": image_size, **OmegaConf.to_container(cfg.model)}
     core = VAE(**model_args).to(proc.device)
     if cfg.train.channels_last:
         core = core.to(memory_format=torch.channels_last)
@@ -222,7 +221,7 @@ def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_pe
 
 def restore_checkpoint(path: Path, parts: Parts, proc: Proc) -> Progress:
     ckpt = load_checkpoint(path, map_location=proc.device)
-    if ckpt["model_args"] != parts.model_args:
+    if model_settings(ckpt["model_args"]) != model_settings(parts.model_args):
         raise TrainError(f"{path} was trained with {ckpt['model_args']}, not {parts.model_args}; "
                          "resume with the same model settings")
     parts.core.load_state_dict(ckpt["model"])
