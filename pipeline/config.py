@@ -5,26 +5,14 @@ merges the composed config into that schema, so a wrong type, an unknown key or 
 stops the command with one line naming the key (exit status 2) before anything is read or written.
 """
 import dataclasses
-import secrets
 import types
 import typing
-from datetime import datetime
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError
-
-# Run folders are named <time>-<RUN_ID>: unique however many commands start in the same second,
-# on one machine or several sharing outputs/ (Hydra resolves ${run_id:} once per process).
-RUN_ID = secrets.token_hex(3)
-OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
-
-
-def run_name() -> str:
-    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{RUN_ID}"
-
 
 def key(low=None, high=None, choices=None, default=MISSING) -> Any:
     """A schema field with an optional inclusive range or a set of allowed values."""

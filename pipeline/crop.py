@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,11 +22,37 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import find_images, load_image, on_white
 from pipeline.io import JsonlLog, atomic_write, atomic_write_bytes, read_jsonl
 
 log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class CropConfig:
+    """The keys of conf/crop/default.yaml, their types and ranges."""
+    input_dir: str = key()
+    output_dir: str = key()
+    cascade: str = key()
+    cascade_sha256: str | None = key()
+    cascade_cache_dir: str = key()
+    scale_factor: float = key(low=1.0001)
+    min_neighbors: int = key(low=0)
+    min_size: int = key(low=1)
+    margin: float = key(low=0)
+    size: int = key(low=8)
+    max_pixels: int = key(low=1)
+    workers: int | None = key(low=1)
+
+
+@dataclass
+class CropJob:
+    paths: Paths = key(default=Paths)
+    crop: CropConfig = key(default=CropConfig)
+
 
 class CropError(PipelineError):
     pass
@@ -109,11 +136,10 @@ def _init_worker(cascade_path: str) -> None:
 
 def crop_one(source: Path, cfg, input_dir: Path, output_dir: Path) -> dict:
     """Detect, crop and save the faces of one image; returns its sources.jsonl row with the tiles."""
-    rel = source.relative_to(input_dir).as_posix()
-    row = {"source": rel, "bytes": source.stat().st_size, "tiles": []}
+    row = {"source": source.relative_to(input_dir).as_posix(), "bytes": file_size(source), "tiles": []}
     try:
         rgb, alpha = load_image(source, cfg.max_pixels)
-    except Exception as err:  # any undecodable file is skipped with its reason; the run goes on
+    except Exception as err:  # any undecodable (or vanished) file is skipped with its reason; the run goes on
         return {**row, "status": "skipped", "reason": f"{type(err).__name__}: {err}"}
     # detect on the stored colours, as upstream's cv2.imread does; cut tiles from the composited image
     boxes, neighbours = detect_faces(_worker["cascade"], rgb, cfg)
@@ -128,6 +154,14 @@ def crop_one(source: Path, cfg, input_dir: Path, output_dir: Path) -> dict:
         row["tiles"].append({"tile": name, "box": [int(v) for v in box], "crop": [left, top, side],
                              "neighbours": int(n)})
     return {**row, "status": "ok", "faces": len(row["tiles"])}
+
+
+def file_size(path: Path) -> int | None:
+    """Its size, or None when it vanished since it was listed (it is then skipped, not an error)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _save_png(rgb: np.ndarray, file) -> None:
@@ -151,7 +185,7 @@ def crop(cfg: DictConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     done = {(r["source"], r["bytes"]) for r in read_jsonl(output_dir / "sources.jsonl")}
     todo = [p for p in find_images(input_dir)
-            if (p.relative_to(input_dir).as_posix(), p.stat().st_size) not in done]
+            if (p.relative_to(input_dir).as_posix(), file_size(p)) not in done]
     urls = source_urls(input_dir)
     workers = cfg.workers or os.cpu_count()
     log.info("cropping %d new images from %s (%d done before) with %d processes",
@@ -179,7 +213,7 @@ def crop(cfg: DictConfig) -> dict:
 @hydra.main(config_path="../conf", config_name="crop", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    crop(cfg.crop)
+    crop(checked(cfg, CropJob).crop)
 
 
 if __name__ == "__main__":

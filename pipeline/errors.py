@@ -2,11 +2,19 @@
 import errno
 import functools
 import logging
+import secrets
 import shutil
 import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+# Run folders are named <time>-<RUN_ID>: unique however many commands start in the same second, on one
+# machine or several sharing outputs/ (conf/*.yaml: hydra.run.dir; Hydra resolves ${run_id:} once).
+RUN_ID = secrets.token_hex(3)
+OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
 
 # What a command writes before it has any result: a folder holding only these is removed on failure.
 SCAFFOLDING = {".hydra", "config.yaml", "metrics.csv", "tb"}
@@ -40,14 +48,29 @@ def exit_on_error(main):
         except (PipelineError, OSError) as err:
             if isinstance(err, OSError) and err.errno not in DISK_ERRORS:
                 raise
-            message = str(err) if isinstance(err, PipelineError) else (
-                f"cannot write {err.filename}: {err.strerror}; free space, fix its permissions or choose "
-                "another paths.output_dir / paths.data_dir (files already written are intact)")
+            message = str(err) if isinstance(err, PipelineError) else cannot_write(err)
             logging.getLogger(main.__module__).error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             remove_if_no_results(hydra_output_dir())
             raise SystemExit(2) from None
     return wrapper
+
+
+def cannot_write(err: OSError) -> str:
+    return (f"cannot write {err.filename}: {err.strerror}; free space, fix its permissions or choose another "
+            "paths.output_dir / paths.data_dir (files already written are intact)")
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback (hydra.callbacks in conf/*.yaml): a run folder that cannot be created is one line and
+    exit status 2, before Hydra's own traceback."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            Path(config.hydra.run.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"error: {cannot_write(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def hydra_output_dir() -> Path | None:
@@ -56,8 +79,8 @@ def hydra_output_dir() -> Path | None:
 
 def remove_if_no_results(folder: Path | None) -> None:
     """Remove `folder` (and parents left empty) if it holds only logs and SCAFFOLDING."""
-    if folder is None or not folder.is_dir():
-        return
+    if folder is None or not folder.is_dir() or not folder.name.endswith(RUN_ID):
+        return  # only a folder this process created (Hydra names it <time>-<RUN_ID>)
     if any(p.name not in SCAFFOLDING and p.suffix != ".log" for p in folder.iterdir()):
         return
     logging.shutdown()  # the job's log file lives in the folder

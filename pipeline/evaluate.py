@@ -11,7 +11,9 @@ Writes metrics.json and nearest_<prior>.png beside the checkpoint and prints a t
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -20,7 +22,8 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, exit_on_error
+from pipeline.config import Paths, checked, key
+from pipeline.errors import ConfigError, PipelineError, exit_on_error
 from pipeline.images import to_float, to_uint8
 from pipeline.io import atomic_write, atomic_write_bytes
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
@@ -29,6 +32,39 @@ from pipeline.prior import sample_latents
 from pipeline.runs import open_run
 
 log = logging.getLogger(__name__)
+
+# FID is biased upwards, more so the fewer the samples; below this (the size bench/RESULTS.md uses) it is
+# not comparable with anything
+FID_MIN_SAMPLES = 2000
+
+
+@dataclass
+class EvaluateJob:
+    """conf/evaluate.yaml's keys, their types and ranges (obs_std is appended with +obs_std=...)."""
+    paths: Paths = key(default=Paths)
+    ckpt: str | None = key()
+    n: Any = key()  # auto or a whole number >= 2 (checked by sample_count)
+    priors: list[str] = key(low=1)
+    gmm_components: int = key(low=1)
+    seed: int = key(low=0)
+    batch_size: int = key(low=1)
+    nearest_n: int = key(low=1)
+    sheet_n: int = key(low=0)
+    device: str = key()
+    report: bool = key()
+    obs_std: float | None = key(low=1e-6, default=None)
+
+
+def sample_count(n, device) -> int:
+    """n=auto: 10,000 on a GPU, 2,000 on a CPU; warns when n is too small for a meaningful FID."""
+    if str(n) == "auto":
+        return 10000 if device.type == "cuda" else 2000
+    if isinstance(n, bool) or not str(n).isdigit() or int(n) < 2:
+        raise ConfigError(f"n={n!r}: use auto or a whole number of samples >= 2 (2,000 or more for a usable FID)")
+    if int(n) < FID_MIN_SAMPLES:
+        log.warning("n=%s: an FID from fewer than %d samples is biased upwards and not comparable with published "
+                    "ones (use n=2000 or more; KID is less biased)", n, FID_MIN_SAMPLES)
+    return int(n)
 
 
 def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_size: int) -> torch.Tensor:
@@ -46,7 +82,7 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
 def evaluate(cfg: DictConfig) -> dict:
     run = open_run(cfg)
     device = run.device
-    n = int(cfg.n) if str(cfg.n) != "auto" else (10000 if device.type == "cuda" else 2000)
+    n = sample_count(cfg.n, device)
     train, test = run.split("train"), run.split("test")
     extractor = InceptionFeatures(device)
     cache_dir = Path(cfg.paths.output_dir) / "fid_cache"
@@ -58,7 +94,7 @@ def evaluate(cfg: DictConfig) -> dict:
     _, test_to_train = nearest(test[check], train)
     results = {
         "ckpt": str(run.ckpt_path), "step": run.ckpt["step"], "obs_std": run.obs_std, "n": n,
-        "n_test": len(test), "device": str(device),
+        "n_test": len(test), "device": str(device), "fid_reliable": n >= FID_MIN_SAMPLES,
         **evaluate_elbo(run.model, torch.as_tensor(test).to(device), run.likelihood, run.obs_std),
         "floor_train_vs_test": fid_kid(real_test, real_train),
         "real_sharpness": sharpness(test), "test_to_train_rms_median": float(np.median(test_to_train)),
@@ -109,6 +145,7 @@ def report(cfg) -> str:
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
+    cfg = checked(cfg, EvaluateJob)
     if cfg.report:
         print(report(cfg))
     else:

@@ -7,14 +7,27 @@ obs_std is the one knob that balances reconstruction against the KL term; there 
 import inspect
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.config import key
 from pipeline.images import interleave_rows, to_float
 
 LOGVAR_RANGE = (-30.0, 20.0)
+
+
+@dataclass
+class ModelConfig:
+    """The keys of conf/model/default.yaml, their types and ranges."""
+    width: int = key(low=1)
+    depth: int = key(low=1, high=8)
+    latent_dim: int = key(low=1)
+    max_channels: int = key(low=1)
+    decoder_width: int | None = key(low=1)
+    res_blocks: int = key(low=0)
 
 
 def down_block(c_in, c_out):

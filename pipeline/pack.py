@@ -6,7 +6,9 @@ plus splits.json beside them (which file went where, and what was dropped).
 import hashlib
 import json
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -15,11 +17,31 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import find_images, load_rgb
 from pipeline.io import atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackConfig:
+    """The keys of conf/pack/default.yaml, their types and ranges."""
+    faces_dir: str = key()
+    size: int = key(low=8)
+    test_fraction: float = key(low=1e-6, high=0.999)
+    near_dup_bits: int = key(low=-1, high=64)
+    drop_near_duplicates: bool = key()
+    train_file: str = key()
+    test_file: str = key()
+
+
+@dataclass
+class PackJob:
+    paths: Paths = key(default=Paths)
+    crop: dict = key()  # only for pack.size's default, ${crop.size} (checked as pack.size)
+    pack: PackConfig = key(default=PackConfig)
 
 
 class PackError(PipelineError):
@@ -77,40 +99,58 @@ def save_array(path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array))
 
 
+def unique_tiles(kept: list[tuple[Path, np.ndarray]], faces_dir: Path) -> tuple[np.ndarray, list, list]:
+    """Tiles with exact duplicates (same decoded pixels) removed, their file names and content digests."""
+    unique, names, digests = {}, [], []
+    for path, tile in kept:
+        digest = hashlib.sha1(tile.tobytes()).hexdigest()
+        if digest not in unique:
+            unique[digest] = tile
+            names.append(path.relative_to(faces_dir).as_posix())
+            digests.append(digest)
+    return np.stack(list(unique.values())) if unique else np.empty(0), names, digests
+
+
+def split(groups: np.ndarray, digests: list[str], cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which tiles are kept, and the train / test indices: whole near-duplicate groups go to one side,
+    chosen by a hash of the group's content."""
+    group_key = {}
+    for g, digest in zip(groups, digests):
+        group_key[g] = min(group_key.get(g, digest), digest)
+    keep = np.ones(len(groups), bool)
+    if cfg.drop_near_duplicates:
+        keep[:] = False
+        keep[np.unique(groups, return_index=True)[1]] = True
+    test = np.array([is_test_group(group_key[g], cfg.test_fraction) for g in groups])
+    return keep, np.nonzero(keep & ~test)[0], np.nonzero(keep & test)[0]
+
+
+def check_split_sizes(unique: int, groups: int, train: int, test: int, test_fraction: float) -> None:
+    """Training needs faces on both sides; nothing is written otherwise (earlier splits stay as they are)."""
+    if train and test:
+        return
+    raise PackError(f"{unique} unique faces ({groups} near-duplicate groups) split into {train} train / {test} "
+                    f"test at pack.test_fraction={test_fraction}: both splits need faces. At this fraction "
+                    f"that takes about {math.ceil(3 / test_fraction)} groups or more (each lands in test with "
+                    f"probability {test_fraction}); add faces or raise pack.test_fraction")
+
+
 def pack(cfg: DictConfig) -> dict:
     faces_dir = Path(cfg.faces_dir)
     files = find_images(faces_dir)
     if not files:
         raise PackError(f"no face tiles in pack.faces_dir={faces_dir}; run the crop stage "
                         "(python -m pipeline.crop) or point pack.faces_dir at a folder of face images")
-    if not 0 <= cfg.test_fraction < 1:
-        raise PackError(f"pack.test_fraction={cfg.test_fraction} must be in [0, 1)")
     with ThreadPoolExecutor() as pool:
         loaded = list(pool.map(lambda p: load_tile(p, cfg.size), files))
     kept = [(f, t) for f, t in zip(files, loaded) if t is not None]
     unreadable = len(files) - len(kept)
-
-    unique, names, digests, seen = [], [], [], set()
-    for path, tile in kept:
-        digest = hashlib.sha1(tile.tobytes()).hexdigest()
-        if digest not in seen:
-            seen.add(digest)
-            unique.append(tile)
-            names.append(path.relative_to(faces_dir).as_posix())
-            digests.append(digest)
-    if not unique:
+    tiles, names, digests = unique_tiles(kept, faces_dir)
+    if not len(tiles):
         raise PackError(f"none of the {len(files)} files in {faces_dir} could be decoded as an image")
-    tiles = np.stack(unique)
     groups = near_duplicate_groups(dhash(tiles), cfg.near_dup_bits)
-    group_key = {}
-    for g, digest in zip(groups, digests):
-        group_key[g] = min(group_key.get(g, digest), digest)
-    keep = np.ones(len(tiles), bool)
-    if cfg.drop_near_duplicates:
-        keep[:] = False
-        keep[np.unique(groups, return_index=True)[1]] = True
-    test = np.array([is_test_group(group_key[g], cfg.test_fraction) for g in groups])
-    train_idx, test_idx = np.nonzero(keep & ~test)[0], np.nonzero(keep & test)[0]
+    keep, train_idx, test_idx = split(groups, digests, cfg)
+    check_split_sizes(len(tiles), len(np.unique(groups)), len(train_idx), len(test_idx), cfg.test_fraction)
 
     save_array(cfg.train_file, tiles[train_idx])
     save_array(cfg.test_file, tiles[test_idx])
@@ -134,7 +174,7 @@ def pack(cfg: DictConfig) -> dict:
 @hydra.main(config_path="../conf", config_name="pack", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    pack(cfg.pack)
+    pack(checked(cfg, PackJob).pack)
 
 
 if __name__ == "__main__":

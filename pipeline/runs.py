@@ -46,7 +46,11 @@ def load_split(path, name: str) -> np.ndarray:
         raise DataError(f"{name} split not found at {path}: run `make data` first (or "
                         f"`python -m pipeline.pack pack.faces_dir=FOLDER` for a folder of face tiles), "
                         f"or point paths.data_dir / train.{name}_file at it")
-    array = np.load(path, mmap_mode="r")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path} is not a readable .npy array ({err}); re-run `python -m pipeline.pack` "
+                        "to write it again") from None
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3 or array.shape[2] != array.shape[3]:
         raise DataError(f"{path} holds {array.dtype} {array.shape}; expected uint8 N x 3 x H x H "
                         "as written by `make data`. Re-run `python -m pipeline.pack`")

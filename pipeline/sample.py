@@ -8,6 +8,7 @@
 The last line printed is the path of the PNG written.
 """
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
+from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import to_uint8
 from pipeline.model import recon_grid
@@ -24,6 +26,23 @@ from pipeline.prior import sample_latents
 from pipeline.runs import Run, list_runs, open_run, pick_device
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleJob:
+    """conf/sample.yaml's keys, their types and ranges (obs_std is appended with +obs_std=...)."""
+    paths: Paths = key(default=Paths)
+    ckpt: str | None = key()
+    sheet: str = key(choices=("samples", "recon", "interp", "obs_std"))
+    n: int = key(low=1)
+    nrow: int = key(low=1)
+    seed: int = key(low=0)
+    noise: bool = key()
+    prior: str = key(choices=("default", "normal", "gmm"))
+    gmm_components: int = key(low=1)
+    out: str | None = key()
+    device: str = key()
+    obs_std: float | None = key(low=1e-6, default=None)
 
 
 def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
@@ -36,20 +55,36 @@ def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
 
 def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     """Rows of test faces, each followed by a row of their reconstructions (decoder means of mu)."""
-    test = run.split("test")
+    test = test_faces(run, cfg.n, "n")
     faces = test[np.sort(torch.randperm(len(test), generator=generator)[: cfg.n].numpy())]
     return recon_grid(run.model, faces, cfg.nrow), f"recon_seed{cfg.seed}"
 
 
 def interp_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     """Each row walks linearly in latent space from one test face's code to another's."""
-    test = run.split("test")
     rows = max(1, cfg.n // cfg.nrow)
+    test = test_faces(run, 2 * rows, f"2 x n/nrow = 2 x {rows}")
     pick = torch.randperm(len(test), generator=generator)[: 2 * rows].numpy()
     codes = run.encode(test[pick])
     t = torch.linspace(0, 1, cfg.nrow)[None, :, None]
     z = (codes[:rows, None] * (1 - t) + codes[rows:, None] * t).flatten(0, 1)
     return run.decode(z), f"interp_seed{cfg.seed}"
+
+
+def test_faces(run: Run, needed: int, what: str) -> np.ndarray:
+    test = run.split("test")
+    if len(test) < needed:
+        raise PipelineError(f"sheet needs {what} test faces but {run.config['train']['test_file']} holds "
+                            f"{len(test)}; lower n")
+    return test
+
+
+def output_path(cfg, default: Path) -> Path:
+    """out= a PNG path, or a folder to write the default name into."""
+    if not cfg.out:
+        return default
+    out = Path(cfg.out)
+    return out / default.name if out.is_dir() or str(cfg.out).endswith(("/", "\\")) else out
 
 
 def labelled(grid: torch.Tensor, labels: list[str], row_height: int) -> Image.Image:
@@ -82,7 +117,7 @@ def obs_std_sheet(cfg, device) -> tuple[Image.Image, Path]:
         log.info("row %d: obs_std=%g from %s", len(rows), obs_std, ckpt)
     tile = rows[0].shape[-1]
     grid = make_grid(torch.cat(rows), nrow=cfg.nrow, padding=2, pad_value=1.0)
-    out = Path(cfg.out or Path(cfg.paths.output_dir) / f"obs_std_sheet_{cfg.prior}_seed{cfg.seed}.png")
+    out = output_path(cfg, Path(cfg.paths.output_dir) / f"obs_std_sheet_{cfg.prior}_seed{cfg.seed}.png")
     return labelled(grid, labels, tile + 2), out
 
 
@@ -90,19 +125,15 @@ SHEETS = {"samples": samples_sheet, "recon": recon_sheet, "interp": interp_sheet
 
 
 def sample(cfg: DictConfig) -> Path:
-    if cfg.n < 1 or cfg.nrow < 1:
-        raise PipelineError(f"n={cfg.n} and nrow={cfg.nrow} must be positive")
     if cfg.sheet == "obs_std":
         picture, out = obs_std_sheet(cfg, pick_device(str(cfg.device), 0))
         out.parent.mkdir(parents=True, exist_ok=True)
         picture.save(out)
         return out
-    if cfg.sheet not in SHEETS:
-        raise PipelineError(f"sheet={cfg.sheet!r}: use one of {', '.join([*SHEETS, 'obs_std'])}")
     run = open_run(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     images, name = SHEETS[cfg.sheet](run, cfg, generator)
-    out = Path(cfg.out or run.ckpt_path.parent / f"{name}.png")
+    out = output_path(cfg, run.ckpt_path.parent / f"{name}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, out, nrow=cfg.nrow)
     log.info("%s from %s (obs_std=%g, step %d)", cfg.sheet, run.ckpt_path, run.obs_std, run.ckpt["step"])
@@ -112,7 +143,7 @@ def sample(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    print(sample(cfg))
+    print(sample(checked(cfg, SampleJob)))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, exit_on_error
+from pipeline.config import Paths, checked, key
+from pipeline.errors import PipelineError, exit_on_error, hydra_output_dir, remove_if_no_results
 from pipeline.images import to_float
-from pipeline.io import atomic_write
-from pipeline.model import VAE, bits_per_dim, decode_means, evaluate_elbo, model_settings, negative_elbo, recon_grid
+from pipeline.io import JsonlLog, atomic_write
+from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, evaluate_elbo, model_settings,
+                            negative_elbo, recon_grid)
 from pipeline.prior import fit_gmm_prior, save_prior
 from pipeline.runs import CKPT_FORMAT, CKPT_NAME, find_checkpoint, load_checkpoint, load_split, pick_device
 
@@ -50,6 +52,53 @@ METRIC_FIELDS = ["step", "epoch", "loss", "nll", "kl", "lr", "img_per_s", "test_
 
 class TrainError(PipelineError):
     pass
+
+
+@dataclass
+class TrainConfig:
+    """The keys of conf/train/default.yaml, their types and ranges."""
+    train_file: str = key()
+    test_file: str = key()
+    batch_size: int = key(low=1)
+    epochs: int = key(low=1)
+    max_steps: int | None = key(low=1)
+    lr: float = key(low=1e-12)
+    min_lr_ratio: float = key(low=0, high=1)
+    warmup_steps: int = key(low=0)
+    weight_decay: float = key(low=0)
+    flip: bool = key()
+    ckpt_every: int = key(low=1)
+    log_every: int = key(low=1)
+    eval_batch_size: int = key(low=1)
+    grid_n: int = key(low=1)
+    amp: str = key(choices=("auto", "true", "false", "True", "False"))
+    channels_last: bool = key()
+    compile: bool = key()
+    num_threads: int | None = key(low=1)
+    prior_components: int = key(low=1)
+    ema: float = key(low=0, high=0.999999)
+
+
+@dataclass
+class TrainJob:
+    """conf/train.yaml: the groups and the keys that define a run."""
+    paths: Paths = key(default=Paths)
+    model: ModelConfig = key(default=ModelConfig)
+    train: TrainConfig = key(default=TrainConfig)
+    preset_name: str = key(choices=("auto", "cpu", "gpu"))
+    obs_std: float = key()  # > 0, checked by check_objective with a hint
+    likelihood: str = key(choices=("gaussian", "bernoulli"))
+    beta: float = key(low=0)
+    device: str = key()
+    seed: int = key(low=0)
+    resume: str | None = key()
+
+
+# What a resumed run may change (given on the command line, recorded in resumes.jsonl); every other key
+# keeps the run's value, and giving it a different one is refused: it would change what the run means.
+RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_threads",
+                     "train.eval_batch_size", "train.grid_n", "train.compile", "train.prior_components", "device",
+                     "paths.output_dir", "resume", "preset"}
 
 
 @dataclass
@@ -248,19 +297,55 @@ def resolve_resume(cfg) -> Path | None:
     return find_checkpoint(cfg.paths.output_dir, ckpt=cfg.resume)
 
 
+def command_line_keys() -> list[str]:
+    """The keys given on the command line (k=v, +k=v, ++k=v, ~k)."""
+    return [o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task]
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """The resumed run's own config (keys it predates take today's defaults), with only the keys of
+    RESUME_MAY_CHANGE taken from the command line; the changes made, {key: [old, new]}."""
+    ckpt_path = resolve_resume(cfg)
+    run_cfg = OmegaConf.merge(cfg, load_checkpoint(ckpt_path)["config"])
+    changed = {}
+    for name in command_line_keys():
+        new, old = OmegaConf.select(cfg, name), OmegaConf.select(run_cfg, name)
+        if new == old or name in ("resume", "preset"):
+            continue
+        if name not in RESUME_MAY_CHANGE:
+            raise TrainError(f"resume: {name}={new} would change what the run {ckpt_path.parent} means (it was "
+                             f"trained with {name}={old}); start a new run instead. A resumed run may change only "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'preset'}))}")
+        OmegaConf.update(run_cfg, name, new)
+        changed[name] = [OmegaConf.to_container(old) if OmegaConf.is_config(old) else old, new]
+    run_cfg.resume = str(ckpt_path)
+    return checked(run_cfg, TrainJob), changed
+
+
+def record_resume(run_dir: Path, step: int, changed: dict) -> None:
+    with JsonlLog(run_dir / "resumes.jsonl") as resumes:
+        resumes.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "changed": changed})
+    for name, (old, new) in changed.items():
+        log.info("resume: %s changed from %s to %s (recorded in resumes.jsonl)", name, old, new)
+
+
 # ---------------------------------------------------------------- phase 5: rank-0 outputs
 
 class RunOutputs:
     """The run folder: config.yaml, metrics.csv, TensorBoard events, per-epoch grids and ckpt.pt."""
 
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, resumed_step: int | None):
         self.cfg, self.run_dir = cfg, run_dir
         self.ckpt_path = run_dir / CKPT_NAME
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(f".{CKPT_NAME}.*.part"):  # left by a save that was killed
             stale.unlink()
+        if resumed_step is None:
+            claim_run_dir(run_dir)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step)
+        if resumed_step is not None:
+            drop_rows_after(run_dir / "metrics.csv", resumed_step)
         new_file = not (run_dir / "metrics.csv").exists()
         self.metrics_file = open(run_dir / "metrics.csv", "a", newline="")
         self.metrics = csv.DictWriter(self.metrics_file, METRIC_FIELDS)
@@ -290,12 +375,31 @@ class RunOutputs:
         self.metrics_file.close()
 
 
-def open_outputs(cfg, proc: Proc, resume_path: Path | None, run_dir: Path | None) -> tuple[Path, RunOutputs | None]:
+def claim_run_dir(run_dir: Path) -> None:
+    """A new run takes its folder exclusively (config.yaml created with O_EXCL)."""
+    try:
+        open(run_dir / "config.yaml", "x").close()
+    except FileExistsError:
+        raise TrainError(f"{run_dir} already holds a run (its config.yaml exists): each training needs its own "
+                         "folder; leave hydra.run.dir at its default, or resume=<that folder> to continue it") from None
+
+
+def drop_rows_after(metrics_csv: Path, step: int) -> None:
+    """Rows logged after the checkpoint a run resumes from are logged again: keep no repeated step."""
+    if metrics_csv.exists():
+        lines = metrics_csv.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and
+                            line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+        atomic_write(metrics_csv, lambda f: f.write("".join(kept).encode()))
+
+
+def open_outputs(cfg, proc: Proc, resume_path: Path | None, run_dir: Path | None,
+                 step: int) -> tuple[Path, RunOutputs | None]:
     """The run folder (rank 0 picks it: the resumed run's, or Hydra's) and, on rank 0, its writers."""
     if proc.main and run_dir is None:
         run_dir = resume_path.parent if resume_path else Path(HydraConfig.get().runtime.output_dir)
     run_dir = Path(broadcast(str(run_dir) if proc.main else None, proc))
-    return run_dir, RunOutputs(cfg, run_dir) if proc.main else None
+    return run_dir, RunOutputs(cfg, run_dir, step if resume_path else None) if proc.main else None
 
 
 # ---------------------------------------------------------------- phase 6: the loop
@@ -396,7 +500,7 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
     ckpt_path = outputs.ckpt_path if outputs else Path(os.devnull)
     autocast = torch.autocast(proc.device.type if proc.bf16 else "cpu", dtype=torch.bfloat16, enabled=proc.bf16)
     stop, meter, last_good_step = Stop(), Meter(proc, progress.step), progress.step
-    order, order_epoch = None, -1
+    order, order_epoch, signum = None, -1, 0
     bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not proc.main)
     parts.net.train()
     while progress.step < total_steps:
@@ -455,7 +559,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     resume_path = broadcast(resolve_resume(cfg) if proc.main else None, proc)
     progress = restore_checkpoint(resume_path, parts, proc) if resume_path else Progress()
     wrap(cfg, parts, proc)
-    run_dir, outputs = open_outputs(cfg, proc, resume_path, run_dir)
+    run_dir, outputs = open_outputs(cfg, proc, resume_path, run_dir, progress.step)
     if outputs:
         log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoch, parts.core)
     train_data, test_data = torch.from_numpy(train_np).to(proc.device), torch.from_numpy(test_np).to(proc.device)
@@ -516,14 +620,35 @@ def resolve_preset(cfg: DictConfig) -> DictConfig:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    cfg = resolve_preset(cfg)
-    log.info("preset: %s%s", cfg.preset_name, "" if "preset=" in " ".join(HydraConfig.get().overrides.task)
-             else " (chosen from the device)")
+    cfg = checked(resolve_preset(cfg), TrainJob)
+    if cfg.resume is not None:
+        cfg, changed = resume_config(cfg)
+        if dist_env()[0] == 0:
+            record_resume(Path(cfg.resume).parent, load_checkpoint(cfg.resume)["step"], changed)
+    else:
+        chosen = "" if "preset" in command_line_keys() else " (chosen from the device)"
+        log.info("preset: %s%s", cfg.preset_name, chosen)
     try:
         train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if cfg.resume is not None and dist_env()[0] == 0:
+            keep_log_in_run(Path(cfg.resume).parent)
+
+
+def keep_log_in_run(run_dir: Path) -> None:
+    """A resumed run writes into its own folder: Hydra's new folder keeps nothing but the log, which is
+    appended to the run's train.log, and is removed."""
+    hydra_dir = hydra_output_dir()
+    if hydra_dir is None or hydra_dir.resolve() == run_dir.resolve():
+        return
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    with open(run_dir / "train.log", "a") as kept:
+        for log_file in hydra_dir.glob("*.log"):
+            kept.write(log_file.read_text())
+    remove_if_no_results(hydra_dir)
 
 
 if __name__ == "__main__":

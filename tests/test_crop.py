@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.crop import CropError, crop, square_crop_box
+from pipeline.images import find_images
 from pipeline.io import read_jsonl
 from tests.getchu_site import GetchuSite, serve
 from tests.helpers import ROOT, upstream_face_count
@@ -120,3 +121,19 @@ def test_cascade_url_is_downloaded_once_and_checked(tmp_path, crop_cfg, cascade,
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_file_that_vanishes_mid_run_is_skipped(tmp_path, crop_cfg, illustrations, monkeypatch):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for source in sorted(p for p in illustrations.rglob("*.jpg"))[:3]:
+        shutil.copy(source, pictures / source.name)
+    listed = find_images(pictures)
+    (pictures / "gone.png").write_bytes(b"")  # listed, then deleted before it is read
+    monkeypatch.setattr("pipeline.crop.find_images", lambda folder: [*listed, folder / "gone.png"])
+    (pictures / "gone.png").unlink()
+    totals = crop(crop_cfg(pictures))
+    rows = {r["source"]: r for r in read_jsonl(tmp_path / "faces" / "sources.jsonl")}
+    assert totals["images"] == 4 and totals["skipped"] == 1
+    assert rows["gone.png"]["status"] == "skipped" and "FileNotFoundError" in rows["gone.png"]["reason"]
+    assert all(rows[p.name]["status"] == "ok" for p in listed)

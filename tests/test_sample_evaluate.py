@@ -102,6 +102,7 @@ def test_evaluate_writes_metrics_json_with_every_number(trained):
         p = metrics["priors"][prior]
         assert p["fid"] > 0 and p["sharpness_ratio"] > 0 and p["memorisation_ratio"] > 0
     assert "| 0.1 |" in proc.stdout
+    assert metrics["fid_reliable"] is False and "n=12: an FID from fewer than 2000 samples" in proc.stdout
     report = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "report=true")
     assert report.stdout.count("| 0.1 |") == 2
 
@@ -151,3 +152,31 @@ def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp
     shutil.move(tmp_path / "moved", data)
     sample(tmp_path / "out", "gmm_components=6")  # fitted on first use, then stored
     assert torch.load(run_dir / "prior.pt", weights_only=True)["components"] == 6
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("pipeline.sample", ["n=abc"], "n='abc' is not a whole number"),
+    ("pipeline.sample", ["n=0"], "n=0 is out of range: it must be >= 1"),
+    ("pipeline.sample", ["sheet=mosaic"], "sheet='mosaic': use one of samples, recon, interp, obs_std"),
+    ("pipeline.sample", ["sheet=interp", "n=800"], "sheet needs 2 x n/nrow = 2 x 100 test faces"),
+    ("pipeline.sample", ["sheet=recon", "n=800"], "sheet needs n test faces"),
+    ("pipeline.evaluate", ["n=0"], "n=0: use auto or a whole number of samples >= 2"),
+    ("pipeline.evaluate", ["n=abc"], "n='abc': use auto"),
+    ("pipeline.evaluate", ["priors=default"], "priors='default' is not a list"),
+])
+def test_bad_sample_and_evaluate_values_are_one_line_errors(trained, module, args, message):
+    before = sorted(p for p in trained.rglob("*") if p.is_file())
+    proc = run_module(module, f"paths.output_dir={trained}", "device=cpu", *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
+    assert sorted(p for p in trained.rglob("*") if p.is_file()) == before  # nothing left behind, not even a log
+
+
+def test_out_may_name_a_folder_or_a_file(trained, tmp_path):
+    assert sample(trained, f"out={tmp_path}", "n=4").stdout.strip().splitlines()[-1] == \
+        str(tmp_path / "samples_gmm_means_seed0.png")
+    assert (tmp_path / "samples_gmm_means_seed0.png").is_file()
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    proc = run_module("pipeline.sample", f"paths.output_dir={tmp_path / 'blocker'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot write {tmp_path / 'blocker'}")
+    assert "Traceback" not in proc.stderr and (tmp_path / "blocker").read_text() == "a file where a folder should be"

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.io import read_jsonl
 from pipeline.scrape import ScrapeError, latest_rows, month_range, parse_month_list, parse_product_page, scrape
-from tests.getchu_site import GetchuSite, product_page
+from tests.getchu_site import GetchuSite, product_page, serve
 from tests.helpers import ROOT, run_module
 
 CONF = OmegaConf.load(ROOT / "conf/scrape/default.yaml")
@@ -161,3 +161,29 @@ def test_month_page_with_unknown_markup_is_reported_not_cached(tmp_path, month_d
         site.requests.clear()
         counts = scrape(scrape_cfg(site, tmp_path, start="2015-04", end="2015-05"))
         assert site.requests["/all/month_title.html"] == 1 and counts["month_recognised"] == 1
+
+
+@pytest.mark.parametrize("value, message", [
+    ("scrape.genres=pc_soft", "scrape.genres='pc_soft' is not a list of text values"),
+    ("scrape.genres=[]", "scrape.genres=[] needs at least 1 item"),
+    ("scrape.delay=-1", "scrape.delay=-1.0 is out of range: it must be >= 0"),
+    ("scrape.max_bytes=lots", "scrape.max_bytes='lots' is not a whole number"),
+])
+def test_scrape_keys_are_checked_before_any_request(tmp_path, value, message):
+    proc = run_module("pipeline.scrape", value, f"paths.data_dir={tmp_path}/data", f"paths.output_dir={tmp_path}/out",
+                      "scrape.base_url=http://127.0.0.1:9", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {proc.stderr.strip()[7:]}"
+    assert message in proc.stderr and not (tmp_path / "data").exists()
+
+
+def test_a_run_where_every_request_failed_does_not_succeed(tmp_path):
+    server = serve(lambda handler: GetchuSite.send(handler, 404, b"gone", "text/html"))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = OmegaConf.merge(CONF, {"base_url": url, "start": "2015-04", "end": "2015-05", "delay": 0,
+                                     "raw_dir": str(tmp_path / "raw")})
+        with pytest.raises(ScrapeError, match="every one of 2 requests failed"):
+            scrape(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,6 +1,7 @@
 """Short CPU trainings: on real faces the test ELBO improves; on synthetic ones (no real data needed)
 kills resume exactly, SIGTERM saves, DDP runs and bad input fails clearly."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,8 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
     assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 80
     assert torch.load(ckpt_dir / "prior.pt", weights_only=True)["step"] == 80  # refitted when the resumed run ended
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
+    steps = [int(r["step"]) for r in csv.DictReader(open(ckpt_dir / "metrics.csv"))]
+    assert steps == sorted(set(steps))  # rows logged after the last checkpoint are not repeated
     for name, value in straight.items():
         assert torch.allclose(value.float(), resumed[name].float(), rtol=1e-5, atol=1e-6), name
 
@@ -117,14 +120,38 @@ def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(tin
 
 @pytest.mark.parametrize("args, message", [
     (["paths.data_dir=/nonexistent"], "run `make data` first"),
-    (["obs_std=0"], "obs_std=0 must be > 0"),
-    (["obs_std=-1"], "obs_std=-1 must be > 0"),
+    (["obs_std=0"], "obs_std=0.0 must be > 0"),
+    (["obs_std=-1"], "obs_std=-1.0 must be > 0"),
+    (["obs_std=abc"], "obs_std='abc' is not a number"),
     (["device=tpu"], "device='tpu' is not a device"),
+    (["train.batch_size=0"], "train.batch_size=0 is out of range: it must be >= 1"),
+    (["train.max_steps=0"], "train.max_steps=0 is out of range: it must be >= 1"),
+    (["train.lr=fast"], "train.lr='fast' is not a number"),
+    (["likelihood=poisson"], "likelihood='poisson': use one of gaussian, bernoulli"),
+    (["model.width=-3"], "model.width=-3 is out of range"),
 ])
-def test_bad_input_fails_fast_with_a_clear_message(tiny_data, tmp_path, args, message):
+def test_bad_input_fails_fast_with_one_line_and_no_run_folder(tiny_data, tmp_path, args, message):
     proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path), *args, check=False)
     assert proc.returncode == 2
-    assert message in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip().removeprefix('error: ')}"]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "train").exists()  # no empty run folder left behind
+
+
+@pytest.mark.parametrize("content", ["object", "truncated", "garbage"])
+def test_unreadable_packed_arrays_are_one_line_errors(tmp_path, content):
+    np.save(tmp_path / "test.npy", np.zeros((4, 3, 64, 64), np.uint8))
+    if content == "object":
+        np.save(tmp_path / "train.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif content == "truncated":
+        np.save(tmp_path / "train.npy", np.zeros((100, 3, 64, 64), np.uint8))
+        data = (tmp_path / "train.npy").read_bytes()
+        (tmp_path / "train.npy").write_bytes(data[: len(data) // 2])
+    else:
+        (tmp_path / "train.npy").write_bytes(b"not an array at all" * 10)
+    proc = run_module("pipeline.train", *train_args(tmp_path, tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'train.npy'} is not a readable .npy array" in proc.stderr
 
 
 def test_wrong_shape_and_empty_datasets_are_rejected(tmp_path):
@@ -153,3 +180,37 @@ def test_the_preset_is_chosen_from_the_device_unless_given(tiny_data, tmp_path):
     config = OmegaConf.load(only_run(tmp_path / "gpu") / "config.yaml")
     assert config.preset_name == "gpu" and config.train.epochs == 300  # the preset's schedule
     assert config.model.width == 16 and config.train.batch_size == 32  # the command line still wins
+
+
+def test_runs_started_at_once_get_their_own_folders(tiny_data, tmp_path):
+    procs = [start_training(train_args(tiny_data, tmp_path, "train.max_steps=3", f"seed={k}")) for k in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stdout.read()[-2000:]
+    runs = sorted(p.parent for p in tmp_path.rglob("ckpt.pt"))
+    assert len(runs) == 3
+    for run in runs:
+        rows = list(csv.reader(open(run / "metrics.csv")))
+        assert rows[0][0] == "step" and all(r[0] != "step" for r in rows[1:])
+        assert load_checkpoint(run / "ckpt.pt")["config"]["seed"] == OmegaConf.load(run / "config.yaml").seed
+    assert sorted(load_checkpoint(r / "ckpt.pt")["config"]["seed"] for r in runs) == [0, 1, 2]
+
+
+def test_resume_continues_the_run_as_configured_and_refuses_changes_of_meaning(tiny_data, tmp_path):
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=6", "train.ckpt_every=2"))
+    run = only_run(tmp_path)
+    config = (run / "config.yaml").read_text()
+    for change in ["obs_std=0.3", "model.width=8", "likelihood=bernoulli", f"paths.data_dir={tmp_path}"]:
+        proc = run_module("pipeline.train", f"resume={run}", change, check=False)
+        assert proc.returncode == 2 and "would change what the run" in proc.stderr, (change, proc.stderr)
+    assert (run / "config.yaml").read_text() == config
+    # the hint printed on stop: resume=<folder> alone continues with the run's own keys (max_steps=6 here)
+    run_module("pipeline.train", f"resume={run}", f"paths.output_dir={tmp_path}")
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 6
+    run_module("pipeline.train", f"resume={run}", "train.max_steps=10")
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 10
+    assert OmegaConf.load(run / "config.yaml").train.max_steps == 10
+    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[-1]["changed"] == {"train.max_steps": [6, 10]} and resumes[-1]["step"] == 6
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert steps == sorted(set(steps))
+    assert only_run(tmp_path) == run and len([p for p in run.parent.iterdir()]) == 1  # no folder per resume
