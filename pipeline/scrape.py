@@ -78,17 +78,20 @@ class OffsiteRedirect(Exception):
     """A redirect to another host than scrape.base_url's: refused, nothing is sent there."""
 
 
+def urllib3_reason(err: Exception):
+    """The urllib3 error behind a requests exception (MaxRetryError.reason), if any."""
+    return getattr(err.args[0], "reason", None) if err.args else None
+
+
 def is_unreachable(err: Exception) -> bool:
     """A failure to connect at all (DNS, refused, connect timeout), as opposed to a broken transfer."""
     if isinstance(err, requests.exceptions.ConnectTimeout):
         return True
-    reason = getattr(err.args[0], "reason", None) if err.args else None
-    return isinstance(err, requests.exceptions.ConnectionError) and isinstance(reason, NewConnectionError)
+    return isinstance(err, requests.exceptions.ConnectionError) and isinstance(urllib3_reason(err), NewConnectionError)
 
 
 def failure_cause(err: Exception) -> str:
-    reason = getattr(err.args[0], "reason", None) if err.args else None
-    return str(reason or err).split(": ", 1)[-1]
+    return str(urllib3_reason(err) or err).split(": ", 1)[-1]
 
 
 def month_range(start: str, end: str) -> list[tuple[int, int]]:

@@ -302,11 +302,12 @@ def command_line_keys() -> list[str]:
     return [o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task]
 
 
-def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict, int]:
     """The resumed run's own config (keys it predates take today's defaults), with only the keys of
-    RESUME_MAY_CHANGE taken from the command line; the changes made, {key: [old, new]}."""
+    RESUME_MAY_CHANGE taken from the command line; the changes made, {key: [old, new]}; its step."""
     ckpt_path = resolve_resume(cfg)
-    run_cfg = OmegaConf.merge(cfg, load_checkpoint(ckpt_path)["config"])
+    ckpt = load_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.merge(cfg, ckpt["config"])
     changed = {}
     for name in command_line_keys():
         new, old = OmegaConf.select(cfg, name), OmegaConf.select(run_cfg, name)
@@ -319,7 +320,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
         OmegaConf.update(run_cfg, name, new)
         changed[name] = [OmegaConf.to_container(old) if OmegaConf.is_config(old) else old, new]
     run_cfg.resume = str(ckpt_path)
-    return checked(run_cfg, TrainJob), changed
+    return checked(run_cfg, TrainJob), changed, ckpt["step"]
 
 
 def record_resume(run_dir: Path, step: int, changed: dict) -> None:
@@ -622,9 +623,9 @@ def resolve_preset(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     cfg = checked(resolve_preset(cfg), TrainJob)
     if cfg.resume is not None:
-        cfg, changed = resume_config(cfg)
+        cfg, changed, step = resume_config(cfg)
         if dist_env()[0] == 0:
-            record_resume(Path(cfg.resume).parent, load_checkpoint(cfg.resume)["step"], changed)
+            record_resume(Path(cfg.resume).parent, step, changed)
     else:
         chosen = "" if "preset" in command_line_keys() else " (chosen from the device)"
         log.info("preset: %s%s", cfg.preset_name, chosen)
