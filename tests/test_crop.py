@@ -5,7 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline.crop import CropError, crop, square_crop_box
+from pipeline.crop import CropError, crop
+from pipeline.faces import CascadeError, square_crop_box
 from pipeline.images import find_images
 from pipeline.io import read_jsonl
 from tests.getchu_site import GetchuSite, serve
@@ -88,11 +89,11 @@ def test_missing_and_corrupt_cascades_are_clear_errors(tmp_path):
     images = tmp_path / "in"
     images.mkdir()
     Image.new("RGB", (64, 64)).save(images / "a.png")
-    with pytest.raises(CropError, match="does not exist"):
+    with pytest.raises(CascadeError, match="does not exist"):
         crop(cfg(images, tmp_path / "nope.xml"))
     bad = tmp_path / "bad.xml"
     bad.write_text("<opencv_storage></opencv_storage>")
-    with pytest.raises(CropError, match="not a valid OpenCV cascade"):
+    with pytest.raises(CascadeError, match="not a valid OpenCV cascade"):
         crop(cfg(images, bad))
     with pytest.raises(CropError, match="is not a folder"):
         crop(cfg(tmp_path / "missing", bad))
@@ -112,7 +113,7 @@ def test_cascade_url_is_downloaded_once_and_checked(tmp_path, crop_cfg, cascade,
     shutil.copy(sorted(illustrations.rglob("*.jpg"))[0], src / "a.jpg")
     cached = tmp_path / "cascade" / "lbpcascade_animeface.xml"
     try:
-        with pytest.raises(CropError, match="sha256"):
+        with pytest.raises(CascadeError, match="sha256"):
             crop(crop_cfg(src, cascade=url, cascade_sha256="0" * 64))
         assert not cached.exists()
         crop(crop_cfg(src, cascade=url))
