@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: all install test data train sample eval sweep bench clean
+.PHONY: all install test data train sample eval explore sweep bench clean
 
 all: data train eval sample
 
@@ -29,6 +29,9 @@ sample: install
 
 eval: install
 	$(PY) -m pipeline.evaluate $(ARGS)
+
+explore: install
+	$(PY) -m pipeline.explore $(ARGS)
 
 # obs_std values to compare with `make sweep`
 SWEEP ?= 0.03,0.1,0.3

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.faces import face_tiles, load_cascade, resolve_cascade
+from pipeline.faces import DetectorConfig, face_tiles, load_cascade, resolve_cascade
 from pipeline.images import find_images, load_image
 from pipeline.io import JsonlLog, atomic_write, read_jsonl
 
@@ -31,19 +31,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class CropConfig:
-    """The keys of conf/crop/default.yaml, their types and ranges."""
+class CropConfig(DetectorConfig):
+    """The keys of conf/crop/default.yaml, their types and ranges (the detector's in pipeline/faces.py)."""
     input_dir: str = key()
     output_dir: str = key()
-    cascade: str = key()
-    cascade_sha256: str | None = key()
-    cascade_cache_dir: str = key()
-    scale_factor: float = key(low=1.0001)
-    min_neighbors: int = key(low=0)
-    min_size: int = key(low=1)
-    margin: float = key(low=0)
-    size: int = key(low=8)
-    max_pixels: int = key(low=1)
     workers: int | None = key(low=1)
 
 

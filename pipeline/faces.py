@@ -2,17 +2,33 @@
 them out as square tiles. Shared by the crop stage (folders of images) and the explorer (uploads)."""
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import requests
 
+from pipeline.config import key
 from pipeline.errors import PipelineError
 from pipeline.images import on_white
 from pipeline.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectorConfig:
+    """The detector's keys of the crop config group (conf/crop/default.yaml)."""
+    cascade: str = key()
+    cascade_sha256: str | None = key()
+    cascade_cache_dir: str = key()
+    scale_factor: float = key(low=1.0001)
+    min_neighbors: int = key(low=0)
+    min_size: int = key(low=1)
+    margin: float = key(low=0)
+    size: int = key(low=8)
+    max_pixels: int = key(low=1)
 
 
 class CascadeError(PipelineError):

@@ -57,11 +57,13 @@ def load_prior(run_dir) -> dict | None:
                             "fitted again when the training split is there, or sample with prior=normal") from err
 
 
-def sample_latents(prior: dict | None, n: int, latent_dim: int, generator: torch.Generator) -> torch.Tensor:
-    """n codes from N(0, I) (prior None) or from the mixture."""
+def sample_latents(prior: dict | None, n: int, latent_dim: int, generator: torch.Generator,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """n codes from N(0, I) (prior None) or from the mixture; `temperature` scales the spread around
+    the mean (of each component)."""
     if prior is None:
-        return torch.randn(n, latent_dim, generator=generator)
+        return temperature * torch.randn(n, latent_dim, generator=generator)
     component = torch.multinomial(prior["weights"], n, replacement=True, generator=generator)
-    eps = torch.randn(n, latent_dim, 1, generator=generator, dtype=torch.float64)
+    eps = temperature * torch.randn(n, latent_dim, 1, generator=generator, dtype=torch.float64)
     z = prior["means"][component] + (prior["cholesky"][component] @ eps).squeeze(-1)
     return z.float()

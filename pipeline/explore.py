@@ -1,0 +1,469 @@
+"""Stage 6: a trained model in the browser: sample, steer, interpolate, and encode your own picture.
+
+    python -m pipeline.explore +obs_std=0.1     # the newest obs_std=0.1 run (ckpt=... as in pipeline.sample)
+    make explore
+
+Starts a local web app (one static page, pipeline/explore.html, with no script, font or image fetched
+from anywhere else) on 127.0.0.1 and prints its URL as the last line. Each model is loaded once and stays
+in memory; the principal directions of a run's codes are computed once and stored in its folder
+(directions.pt, beside prior.pt).
+"""
+import asyncio
+import base64
+import copy
+import io
+import logging
+import math
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import uvicorn
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from pipeline.config import Paths, checked, key
+from pipeline.errors import DataError, PipelineError, exit_on_error
+from pipeline.faces import DetectorConfig, face_tiles, load_cascade, resolve_cascade
+from pipeline.images import load_image, on_white, to_uint8
+from pipeline.io import atomic_write
+from pipeline.prior import sample_latents
+from pipeline.runs import Run, find_checkpoint, list_runs, pick_device
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("explore.html")
+DIRECTIONS_NAME = "directions.pt"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class ExploreConfig:
+    host: str = key()
+    port: int = key(low=0, high=65535)
+    max_upload_mb: float = key(low=0.001)
+    grid: int = key(low=1, high=256)
+    directions: int = key(low=1)
+    strip: int = key(low=3, high=15)
+    nearest: int = key(low=1, high=64)
+    interp_steps: int = key(low=2, high=32)
+
+
+@dataclass
+class ExploreJob:
+    """conf/explore.yaml's keys (obs_std is appended with +obs_std=..., as for pipeline.sample)."""
+    paths: Paths = key(default=Paths)
+    crop: DetectorConfig = key(default=DetectorConfig)
+    explore: ExploreConfig = key(default=ExploreConfig)
+    ckpt: str | None = key()
+    device: str = key()
+    obs_std: float | None = key(low=1e-6, default=None)
+
+
+class BadRequest(PipelineError):
+    """Something the page sent that cannot be served: shown in the page as it is."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def png_data_url(image01: torch.Tensor) -> str:
+    """A 3 x H x W image in [0, 1] as a data: URL (shown and downloaded by the page as it is)."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image01).permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def codes_from(value, latent_dim: int, what: str = "z") -> torch.Tensor:
+    """A code (or a list of codes) the page sent back, checked for size and finite numbers."""
+    try:
+        z = torch.tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{what} must be a list of {latent_dim} numbers") from None
+    z = z.reshape(1, -1) if z.dim() == 1 else z
+    if z.dim() != 2 or z.shape[1] != latent_dim or not torch.isfinite(z).all():
+        raise BadRequest(f"{what} must hold codes of {latent_dim} finite numbers (this run's latent size)")
+    return z
+
+
+def principal_directions(run: Run, prior: dict | None) -> dict:
+    """Principal components of the run's codes: the encoder means of its training faces, or (without
+    them) draws of its stored prior. Computed once and stored in the run folder."""
+    path = run.ckpt_path.parent / DIRECTIONS_NAME
+    if path.is_file():
+        stored = torch.load(path, weights_only=True)
+        if stored.get("step") == run.ckpt["step"]:
+            return stored
+    if run.has_split("train"):
+        codes, source = run.encode(run.split("train")), "encoder means of the training faces"
+    else:
+        generator = torch.Generator().manual_seed(0)
+        codes = sample_latents(prior, 20000, run.model.latent_dim, generator)
+        source = f"20,000 draws of the {'stored prior' if prior else 'N(0, I) prior'} (training faces not found)"
+    log.info("principal directions of %s (%d codes), stored once in %s", source, len(codes), path)
+    mean = codes.mean(0)
+    _, singular, vh = torch.linalg.svd(codes - mean, full_matrices=False)
+    directions = {"mean": mean, "directions": vh, "std": singular / math.sqrt(max(len(codes) - 1, 1)),
+                  "variance": (singular ** 2 / (singular ** 2).sum()), "source": source, "step": run.ckpt["step"]}
+    atomic_write(path, lambda f: torch.save(directions, f))
+    return directions
+
+
+class LoadedRun:
+    """One run, loaded once: its model, its stored prior, its principal directions, its training faces."""
+
+    def __init__(self, ckpt: Path, device: torch.device, settings):
+        self.run = Run(ckpt, device)
+        self.settings = settings
+        self.latent_dim = self.run.model.latent_dim
+        self.prior_note = ""
+        try:
+            self.prior, self.prior_name = self.run.prior("default", 100, 0)
+        except (DataError, PipelineError) as err:
+            self.prior, self.prior_name, self.prior_note = None, "normal", str(err)
+            log.warning("%s: sampling from N(0, I) instead", err)
+        self.pca = principal_directions(self.run, self.prior)
+        self._train = None
+        self._strip = None
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict:
+        run = self.run
+        return {"obs_std": run.obs_std, "step": run.ckpt["step"], "folder": str(run.ckpt_path.parent),
+                "prior": self.prior_name, "prior_note": self.prior_note, "latent_dim": self.latent_dim,
+                "directions_from": self.pca["source"], "nearest": run.has_split("train"),
+                "nearest_note": "" if run.has_split("train") else
+                f"nearest training faces: not available, the training split "
+                f"{run.config['train']['train_file']} is not there"}
+
+    def images(self, z: torch.Tensor, noise: bool = False, seed: int = 0) -> list[str]:
+        generator = torch.Generator().manual_seed(seed)
+        return [png_data_url(image) for image in self.run.decode(z, noise, generator)]
+
+    def sample(self, seed: int, prior: str, temperature: float, noise: bool, n: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        z = sample_latents(self.prior if prior == "default" else None, n, self.latent_dim, generator, temperature)
+        return {"codes": z.tolist(), "images": self.images(z, noise, seed),
+                "prior": self.prior_name if prior == "default" else "normal"}
+
+    def steered(self, z: torch.Tensor, offsets) -> torch.Tensor:
+        """z moved along the first principal directions by `offsets` (in standard deviations of the codes)."""
+        offsets = torch.tensor([float(v) for v in offsets][: self.settings.directions])
+        k = len(offsets)
+        return z + (offsets * self.pca["std"][:k]) @ self.pca["directions"][:k]
+
+    def strip(self) -> list[dict]:
+        """What each direction does: the mean code moved from -2.5 to +2.5 standard deviations along it."""
+        with self.lock:
+            if self._strip is None:
+                k = min(self.settings.directions, self.latent_dim)
+                steps = torch.linspace(-2.5, 2.5, self.settings.strip)
+                rows = []
+                for i in range(k):
+                    z = self.pca["mean"] + steps[:, None] * self.pca["std"][i] * self.pca["directions"][i]
+                    rows.append({"direction": i + 1, "variance": float(self.pca["variance"][i]),
+                                 "images": self.images(z)})
+                self._strip = rows
+        return self._strip
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor) -> list[str]:
+        t = torch.linspace(0, 1, self.settings.interp_steps)[:, None]
+        return self.images(a * (1 - t) + b * t)
+
+    def train_faces(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split (uint8) and each face's squared norm, read on first use."""
+        with self.lock:
+            if self._train is None:
+                if not self.run.has_split("train"):
+                    raise BadRequest(self.describe()["nearest_note"], 404)
+                faces = torch.from_numpy(self.run.split("train")).flatten(1)
+                norms = torch.cat([chunk.float().div(255).square().sum(1) for chunk in faces.split(4096)])
+                self._train = faces, norms
+        return self._train
+
+    def nearest(self, z: torch.Tensor) -> dict:
+        """The training faces closest in pixels to the decoded face (memorisation at a glance)."""
+        faces, norms = self.train_faces()
+        query = self.run.decode(z)[0].flatten()
+        dots = torch.cat([chunk.float().div(255) @ query for chunk in faces.split(4096)])
+        distance = (norms - 2 * dots + query.square().sum()).clamp(min=0).sqrt()
+        best = distance.topk(min(self.settings.nearest, len(faces)), largest=False)
+        side = self.run.model.image_size
+        tiles = faces[best.indices].reshape(-1, 3, side, side).float().div(255)
+        return {"images": [png_data_url(t) for t in tiles], "distances": [round(float(d), 2) for d in best.values],
+                "face": png_data_url(self.run.decode(z)[0])}
+
+
+class Explorer:
+    """What the page can show: the newest run of each trained obs_std (and the run it opened on), each
+    loaded on first use and kept; the crop stage's detector for uploads."""
+
+    def __init__(self, cfg, first: Path, device: torch.device):
+        self.cfg, self.device = cfg, device
+        newest = {}
+        for entry in list_runs(cfg.paths.output_dir):
+            if entry["obs_std"] is not None:
+                newest.setdefault(float(entry["obs_std"]), entry["ckpt"])
+        ckpts = [first, *(c for c in newest.values() if c.resolve() != first.resolve())]
+        self.ckpts = {str(i): ckpt for i, ckpt in enumerate(ckpts)}
+        self.loaded: dict[str, LoadedRun] = {}
+        self.lock = threading.Lock()
+        self._cascade = None
+        self.get("0")  # the first run is ready before the server starts
+
+    def get(self, run_id) -> LoadedRun:
+        run_id = str(run_id)
+        if run_id not in self.ckpts:
+            raise BadRequest(f"run={run_id!r} is not one of this explorer's runs ({', '.join(self.ckpts)})", 404)
+        with self.lock:
+            if run_id not in self.loaded:
+                self.loaded[run_id] = LoadedRun(self.ckpts[run_id], self.device, self.cfg.explore)
+        return self.loaded[run_id]
+
+    def runs(self) -> list[dict]:
+        rows = []
+        for run_id, ckpt in self.ckpts.items():
+            info = self.loaded[run_id].describe() if run_id in self.loaded else {
+                "obs_std": float(OmegaConf.load(ckpt.parent / "config.yaml").obs_std), "folder": str(ckpt.parent)}
+            rows.append({"id": run_id, **info})
+        return rows
+
+    def compare(self, z_list) -> list[dict]:
+        """The same codes decoded by every run of the page (one per trained obs_std)."""
+        rows = []
+        for run_id in self.ckpts:
+            loaded = self.get(run_id)
+            try:
+                z = codes_from(z_list, loaded.latent_dim)
+            except BadRequest:
+                rows.append({"run": run_id, "obs_std": loaded.run.obs_std, "images": [],
+                             "note": f"latent size {loaded.latent_dim} differs: the codes do not apply"})
+                continue
+            rows.append({"run": run_id, "obs_std": loaded.run.obs_std, "images": loaded.images(z), "note": ""})
+        return sorted(rows, key=lambda r: r["obs_std"])
+
+    def cascade(self):
+        with self.lock:
+            if self._cascade is None:
+                self._cascade = load_cascade(resolve_cascade(self.cfg.crop))
+        return self._cascade
+
+    def upload(self, run_id, name: str, data: bytes) -> dict:
+        """The faces of an uploaded picture beside their reconstructions (and their codes, to steer)."""
+        loaded = self.get(run_id)
+        tiles, note = self.faces_in(name, data, loaded.run.model.image_size)
+        z = loaded.run.encode(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)))
+        return {"name": name, "note": note, "codes": z.tolist(), "recons": loaded.images(z),
+                "faces": [png_data_url(torch.from_numpy(t).permute(2, 0, 1).float().div(255)) for t in tiles]}
+
+    def faces_in(self, name: str, data: bytes, side: int) -> tuple[np.ndarray, str]:
+        crop = self.cfg.crop
+        try:
+            rgb, alpha = load_image(io.BytesIO(data), crop.max_pixels)
+        except Image.DecompressionBombError as err:
+            raise BadRequest(f"{name} is too large to open safely ({err}); the limit is crop.max_pixels") from None
+        except ValueError as err:
+            raise BadRequest(f"{name}: {err}; pick a smaller picture") from None
+        except Exception as err:  # anything PIL cannot decode
+            raise BadRequest(f"{name} is not a picture this app can read ({type(err).__name__}); "
+                             "upload a PNG, JPEG, GIF, WebP or BMP") from None
+        faces = face_tiles(self.cascade(), rgb, alpha, OmegaConf.merge(crop, {"size": side}))
+        if faces:
+            return np.stack([f["tile"] for f in faces]), f"{len(faces)} face(s) found by the crop stage's detector"
+        height, width = rgb.shape[:2]
+        if max(height, width) <= 4 * side and max(height, width) <= 1.25 * min(height, width):
+            tile = Image.fromarray(on_white(rgb, alpha)).resize((side, side), Image.Resampling.LANCZOS)
+            tile = np.asarray(tile)[None]
+            return tile, "no face found by the detector; a small square picture is taken as one face tile"
+        raise BadRequest(f"no face found in {name}: the detector (lbpcascade_animeface) finds anime faces "
+                         f"seen from the front, at least crop.min_size={crop.min_size} px; try another picture "
+                         "or a square face tile")
+
+
+async def json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def number(body: dict, name: str, kind, low, high, default):
+    try:
+        value = kind(body.get(name, default))
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name}={value} is out of range [{low}, {high}]")
+    return value
+
+
+def endpoint(handler):
+    """An API route: JSON in, JSON out; bad input and failures become {"error": ...}, never a traceback."""
+    async def route(request: Request):
+        try:
+            return JSONResponse(await handler(request.app.state.explorer, request))
+        except BadRequest as err:
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        except PipelineError as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        except Exception as err:
+            log.exception("request %s failed", request.url.path)
+            return JSONResponse({"error": f"the server could not do this ({type(err).__name__}: {err}); "
+                                          "the terminal running pipeline.explore has the details"}, status_code=500)
+    return route
+
+
+async def runs_route(explorer: Explorer, request: Request):
+    first = explorer.get("0")
+    return {"runs": explorer.runs(), "directions": min(explorer.cfg.explore.directions, first.latent_dim),
+            "grid": explorer.cfg.explore.grid, "max_upload_mb": explorer.cfg.explore.max_upload_mb}
+
+
+async def sample_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    loaded = explorer.get(body.get("run", "0"))
+    prior = body.get("prior", "default")
+    if prior not in ("default", "normal"):
+        raise BadRequest(f"prior={prior!r}: use default (the run's stored prior) or normal")
+    args = (number(body, "seed", int, 0, 2 ** 63 - 1, 0), prior, number(body, "temperature", float, 0, 3, 1.0),
+            bool(body.get("noise", False)), number(body, "n", int, 1, 256, explorer.cfg.explore.grid))
+    return await run_in_threadpool(loaded.sample, *args)
+
+
+async def steer_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    loaded = explorer.get(body.get("run", "0"))
+    z = codes_from(body.get("z"), loaded.latent_dim)
+    offsets = body.get("offsets", [])
+    if not isinstance(offsets, list) or not all(isinstance(v, (int, float)) for v in offsets):
+        raise BadRequest("offsets must be a list of numbers (one per slider)")
+    moved = loaded.steered(z, offsets)
+    return {"code": moved[0].tolist(), "images": await run_in_threadpool(loaded.images, moved)}
+
+
+async def directions_route(explorer: Explorer, request: Request):
+    loaded = explorer.get(request.query_params.get("run", "0"))
+    return {"rows": await run_in_threadpool(loaded.strip), "source": loaded.pca["source"]}
+
+
+async def interpolate_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    loaded = explorer.get(body.get("run", "0"))
+    a, b = codes_from(body.get("a"), loaded.latent_dim, "a"), codes_from(body.get("b"), loaded.latent_dim, "b")
+    return {"images": await run_in_threadpool(loaded.interpolate, a, b)}
+
+
+async def nearest_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    loaded = explorer.get(body.get("run", "0"))
+    return await run_in_threadpool(loaded.nearest, codes_from(body.get("z"), loaded.latent_dim))
+
+
+async def compare_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    return {"rows": await run_in_threadpool(explorer.compare, body.get("z"))}
+
+
+async def upload_route(explorer: Explorer, request: Request):
+    name = request.query_params.get("name") or "the picture"
+    limit = int(explorer.cfg.explore.max_upload_mb * 2 ** 20)
+    too_big = BadRequest(f"{name} is over the upload limit of {explorer.cfg.explore.max_upload_mb:g} MB "
+                         "(explore.max_upload_mb)", 413)
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_big
+    if not data:
+        raise BadRequest(f"{name} is empty")
+    return await run_in_threadpool(explorer.upload, request.query_params.get("run", "0"), name, bytes(data))
+
+
+async def page(request: Request):
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+def make_app(explorer: Explorer) -> Starlette:
+    api = {"runs": (runs_route, "GET"), "sample": (sample_route, "POST"), "steer": (steer_route, "POST"),
+           "directions": (directions_route, "GET"), "interpolate": (interpolate_route, "POST"),
+           "nearest": (nearest_route, "POST"), "compare": (compare_route, "POST"), "upload": (upload_route, "POST")}
+    routes = [Route("/", page), *(Route(f"/api/{name}", endpoint(handler), methods=[method])
+                                  for name, (handler, method) in api.items())]
+    app = Starlette(routes=routes)
+    app.state.explorer = explorer
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the server starts so a busy port is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise PipelineError(f"cannot serve on {host}:{port} ({err.strerror}); choose another port, e.g. "
+                            f"explore.port={port + 1 if port else 7861}, or explore.port=0 for any free one") from None
+    return sock
+
+
+def serve(app: Starlette, sock: socket.socket) -> None:
+    """Serve until Ctrl-C; the URL is printed (last line) once the server accepts connections."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def announce():
+        while not server.started and not server.should_exit:
+            threading.Event().wait(0.05)
+        if server.started:
+            print(url, flush=True)
+    threading.Thread(target=announce, daemon=True).start()
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def explore(cfg: DictConfig) -> None:
+    if cfg.explore.host not in LOCAL_HOSTS:
+        log.warning("explore.host=%s: the explorer is reachable from other machines on that network, with no "
+                    "login; use explore.host=127.0.0.1 unless you mean to share it", cfg.explore.host)
+    first = find_checkpoint(cfg.paths.output_dir, obs_std=cfg.get("obs_std"), ckpt=cfg.ckpt)
+    sock = bind(cfg.explore.host, cfg.explore.port)
+    explorer = Explorer(cfg, first, pick_device(str(cfg.device)))
+    log.info("exploring %s (obs_std=%g); %d run(s) to choose from", first, explorer.get("0").run.obs_std,
+             len(explorer.ckpts))
+    serve(make_app(explorer), sock)
+
+
+def only_detector_keys(cfg: DictConfig) -> DictConfig:
+    """The crop group's detector keys (the explorer has no input/output folders to crop)."""
+    detector = set(OmegaConf.structured(DetectorConfig).keys())
+    narrowed = copy.deepcopy(cfg)
+    with open_dict(narrowed):
+        narrowed.crop = OmegaConf.masked_copy(cfg.crop, [k for k in cfg.crop if k in detector])
+    return narrowed
+
+
+@hydra.main(config_path="../conf", config_name="explore", version_base="1.3")
+@exit_on_error
+def main(cfg: DictConfig) -> None:
+    explore(checked(only_detector_keys(cfg), ExploreJob))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""`python -m pipeline.explore`: its API on two tiny trained runs, its bad inputs, and the page in a real
+headless Chromium (Debian's package, driven by Playwright)."""
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from pipeline.explore import LoadedRun, BadRequest
+from pipeline.faces import face_tiles, load_cascade
+from pipeline.images import load_image
+from tests import realdata
+from tests.helpers import ROOT, run_module, train_args
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+NO_BROWSER = ("needs headless Chromium driven by Playwright: `apt-get install chromium` (Debian's package) and "
+              "`pip install playwright` (`make test` installs playwright; .ci/run installs chromium)")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    """Two tiny runs: obs_std 0.3, then 0.1 (the newest)."""
+    out = tmp_path_factory.mktemp("outputs")
+    for obs_std in (0.3, 0.1):
+        run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=15", f"obs_std={obs_std}"))
+    return out
+
+
+def local_cascade() -> str:
+    """The real cascade when the test data has it; else a missing path (uploads then say so)."""
+    try:
+        return str(realdata.root_for("cascade") / "cascade" / "lbpcascade_animeface.xml")
+    except pytest.skip.Exception:
+        return "/nonexistent/lbpcascade_animeface.xml"
+
+
+def start(out, *args) -> tuple[subprocess.Popen, str, str]:
+    """`python -m pipeline.explore` on a free port: the process, the URL it printed last, its log until then."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.explore", f"paths.output_dir={out}", "device=cpu",
+                             "explore.port=0", f"crop.cascade={local_cascade()}", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(300, proc.kill)
+    timer.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("http://"):
+            timer.cancel()
+            return proc, line.strip(), "".join(lines)
+    timer.cancel()
+    raise AssertionError(f"pipeline.explore printed no URL:\n{''.join(lines)}\n{proc.stderr.read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    proc, url, _ = start(runs, "explore.max_upload_mb=0.5")
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+def post(url, path, **body):
+    return requests.post(url + "api/" + path, json=body, timeout=120)
+
+
+def pixels(data_url: str) -> np.ndarray:
+    assert data_url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(url, data: bytes, name: str):
+    return requests.post(f"{url}api/upload", params={"name": name, "run": "0"}, data=data, timeout=120,
+                         headers={"Content-Type": "application/octet-stream"})
+
+
+def test_opens_on_the_newest_run_and_lists_one_run_per_obs_std(server, runs):
+    listed = requests.get(server + "api/runs", timeout=60).json()
+    assert [r["obs_std"] for r in listed["runs"]] == [0.1, 0.3]
+    first = listed["runs"][0]
+    assert first["prior"] == "gmm" and first["nearest"] and first["directions_from"].startswith("encoder means")
+    assert listed["directions"] == 8 and listed["grid"] == 64
+    page = requests.get(server, timeout=60).text
+    assert "<script>" in page and "http://" not in page and "https://" not in page  # nothing fetched elsewhere
+
+
+def test_samples_are_seeded_and_follow_prior_and_temperature(server):
+    a, b = post(server, "sample", seed=3).json(), post(server, "sample", seed=3).json()
+    c = post(server, "sample", seed=4).json()
+    assert len(a["images"]) == 64 and a["prior"] == "gmm" and a["codes"] == b["codes"] != c["codes"]
+    assert np.array_equal(pixels(a["images"][0]), pixels(b["images"][0]))
+    assert pixels(a["images"][0]).shape == (64, 64, 3)
+    normal = post(server, "sample", seed=3, prior="normal", n=256).json()
+    assert normal["prior"] == "normal" and abs(np.std(normal["codes"]) - 1) < 0.05
+    cold = post(server, "sample", seed=3, prior="normal", temperature=0.5, n=256).json()
+    assert abs(np.std(cold["codes"]) - 0.5) < 0.03
+    noisy = post(server, "sample", seed=3, noise=True).json()
+    assert noisy["codes"] == a["codes"] and not np.array_equal(pixels(noisy["images"][0]), pixels(a["images"][0]))
+
+
+def test_steering_moves_along_stored_principal_directions(server, runs):
+    z = post(server, "sample", seed=1, n=1).json()["codes"][0]
+    still = post(server, "steer", z=z, offsets=[0] * 8).json()
+    assert np.allclose(still["code"], z, atol=1e-6)
+    moved = post(server, "steer", z=z, offsets=[2, 0, -1]).json()
+    assert not np.array_equal(pixels(moved["images"][0]), pixels(still["images"][0]))
+    stored = torch.load(next(runs.rglob("directions.pt")), weights_only=True)
+    expected = torch.tensor(z) + 2 * stored["std"][0] * stored["directions"][0] - stored["std"][2] * stored["directions"][2]
+    assert np.allclose(moved["code"], expected.numpy(), atol=1e-4)
+    strip = requests.get(server + "api/directions", timeout=60).json()
+    assert len(strip["rows"]) == 8 and all(len(r["images"]) == 7 for r in strip["rows"])
+    assert strip["rows"][0]["variance"] >= strip["rows"][1]["variance"]
+
+
+def test_interpolation_nearest_faces_and_obs_std_side_by_side(server):
+    a, b = post(server, "sample", seed=5, n=2).json()["codes"]
+    walk = post(server, "interpolate", a=a, b=b).json()["images"]
+    ends = post(server, "steer", z=a, offsets=[]).json()["images"][0], post(server, "steer", z=b, offsets=[]).json()["images"][0]
+    assert len(walk) == 10 and np.array_equal(pixels(walk[0]), pixels(ends[0]))
+    assert np.array_equal(pixels(walk[-1]), pixels(ends[1]))
+    near = post(server, "nearest", z=a).json()
+    assert len(near["images"]) == 6 and near["distances"] == sorted(near["distances"])
+    rows = post(server, "compare", z=a).json()["rows"]
+    assert [r["obs_std"] for r in rows] == [0.1, 0.3] and all(len(r["images"]) == 1 for r in rows)
+
+
+def test_bad_requests_get_a_message_not_a_traceback(server):
+    checks = [(post(server, "steer", z=[1, 2], offsets=[]), 400, "32 finite numbers"),
+              (post(server, "sample", run="9"), 404, "run='9' is not one of"),
+              (post(server, "sample", temperature="hot"), 400, "temperature must be a number"),
+              (post(server, "sample", n=100000), 400, "out of range"),
+              (requests.post(server + "api/sample", data="{", timeout=60), 400, "not JSON"),
+              (upload(server, b"just text", "notes.txt"), 400, "notes.txt is not a picture"),
+              (upload(server, b"", "empty.png"), 400, "empty.png is empty"),
+              (upload(server, b"x" * (2 ** 20), "big.png"), 413, "over the upload limit of 0.5 MB")]
+    for response, status, text in checks:
+        assert response.status_code == status and text in response.json()["error"], response.text
+        assert "Traceback" not in response.text
+
+
+def test_decompression_bombs_are_refused_by_size(server):
+    bomb = png_bytes(Image.new("1", (20000, 20000)))  # 400 Mpx in a few kB, over crop.max_pixels
+    response = upload(server, bomb, "bomb.png")
+    assert response.status_code == 400 and "bomb.png" in response.json()["error"]
+    assert "max_pixels" in response.json()["error"]
+
+
+def test_uploads_find_faces_with_the_crop_detector(server, cascade, illustrations):
+    with_face = first_illustration_with_a_face(illustrations, cascade)
+    found = upload(server, with_face.read_bytes(), with_face.name).json()
+    assert found["faces"] and len(found["recons"]) == len(found["faces"]) == len(found["codes"])
+    assert pixels(found["recons"][0]).shape == (64, 64, 3)
+    blank = upload(server, png_bytes(Image.new("RGB", (640, 400), "white")), "blank.png")
+    assert blank.status_code == 400 and "no face found in blank.png" in blank.json()["error"]
+    tile = upload(server, png_bytes(Image.new("RGB", (64, 64), "pink")), "tile.png").json()
+    assert len(tile["faces"]) == 1 and "taken as one face tile" in tile["note"]
+
+
+def first_illustration_with_a_face(illustrations, cascade):
+    detector = load_cascade(cascade)
+    settings = type("Settings", (), {"scale_factor": 1.1, "min_neighbors": 5, "min_size": 24, "margin": 0.0,
+                                     "size": 64})
+    for path in sorted(illustrations.rglob("*.jpg")):
+        rgb, alpha = load_image(path, 64_000_000)
+        if max(rgb.shape) < 1200 and face_tiles(detector, rgb, alpha, settings):
+            return path
+    pytest.fail(f"no illustration under {illustrations} has a face the cascade finds")
+
+
+def test_nearest_faces_say_when_the_training_data_is_gone(runs):
+    settings = type("Settings", (), {"directions": 4, "strip": 3, "nearest": 2, "interp_steps": 2})
+    loaded = LoadedRun(next(runs.rglob("ckpt.pt")), torch.device("cpu"), settings)
+    loaded.run.config["train"]["train_file"] = "/nonexistent/train.npy"
+    assert not loaded.describe()["nearest"]
+    with pytest.raises(BadRequest, match="not available, the training split /nonexistent/train.npy"):
+        loaded.nearest(torch.zeros(1, loaded.latent_dim))
+
+
+def test_no_run_is_the_same_message_as_sampling_before_any_server(tmp_path):
+    for args in ([], ["+obs_std=0.1"]):
+        explored = run_module("pipeline.explore", f"paths.output_dir={tmp_path}", "explore.port=0", *args, check=False)
+        sampled = run_module("pipeline.sample", f"paths.output_dir={tmp_path}", *args, check=False)
+        assert explored.returncode == sampled.returncode == 2
+        assert explored.stderr.strip().splitlines()[-1] == sampled.stderr.strip().splitlines()[-1]
+        assert "no trained run under" in explored.stderr and "http://" not in explored.stdout
+
+
+def test_a_busy_port_is_one_clear_line(runs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_module("pipeline.explore", f"paths.output_dir={runs}", f"explore.port={port}", check=False)
+    assert proc.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_another_host_warns_that_the_page_is_shared(runs):
+    proc, url, log = start(runs, "explore.host=0.0.0.0")
+    try:
+        assert requests.get(url + "api/runs", timeout=60).ok
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert "explore.host=0.0.0.0: the explorer is reachable from other machines" in log
+
+
+# --- in a real browser ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip(f"no Chromium found: {NO_BROWSER}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(f"playwright is not installed: {NO_BROWSER}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(server)
+    page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+    yield page
+    page.close()
+    assert not errors, f"the page raised: {errors}"
+
+
+def image_src(page, selector):
+    return page.eval_on_selector(selector, "img => img.src")
+
+
+def test_page_resamples_steers_interpolates_and_compares(page, tmp_path):
+    assert page.locator("#grid img").count() == 64
+    before = image_src(page, "#grid figure:first-child img")
+    page.click("#resample")
+    page.wait_for_function(f"document.querySelector('#grid img').src !== {before!r}")
+    page.click("#grid figure:nth-child(3) img")
+    big = image_src(page, "#big-face")
+    page.eval_on_selector("#sliders input", "s => { s.value = 2.5; s.dispatchEvent(new Event('input')); }")
+    page.wait_for_function(f"document.querySelector('#big-face').src !== {big!r}")
+    page.click("#set-a")
+    page.eval_on_selector("#sliders input", "s => { s.value = -2.5; s.dispatchEvent(new Event('input')); }")
+    page.wait_for_timeout(500)
+    page.click("#set-b")
+    page.wait_for_selector("#interp img")
+    page.click("#nearest-button")
+    page.wait_for_selector("#nearest img")
+    page.click("#compare-button")
+    page.wait_for_selector("#compare figure")
+    assert page.locator("#interp img").count() == 10 and page.locator("#nearest img").count() == 7
+    assert page.locator("#compare figure").count() == 2 and page.locator("#strip .strip-row").count() == 8
+    assert page.get_attribute("#big a.dl", "href").startswith("data:image/png;base64,")
+    assert page.locator("#message").inner_text() == ""
+    page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+
+
+def test_page_encodes_an_uploaded_picture_and_shows_bad_uploads(page, cascade, illustrations, tmp_path):
+    with_face = first_illustration_with_a_face(illustrations, cascade)
+    page.set_input_files("#upload", str(with_face))
+    page.wait_for_selector(".upload-face")
+    assert page.locator(".upload-face").first.locator("img").count() == 2  # the face and its reconstruction
+    page.locator(".upload-face button").first.click()
+    assert image_src(page, "#big-face") == page.locator(".upload-face img").nth(1).get_attribute("src")
+    page.screenshot(path=str(tmp_path / "explore_upload.png"), full_page=True)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    page.set_input_files("#upload", str(text))
+    page.wait_for_function("document.querySelector('#message').innerText.includes('notes.txt is not a picture')")
