@@ -25,7 +25,7 @@ from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.faces import DetectorConfig, face_tiles, load_cascade, resolve_cascade
 from pipeline.images import find_images, load_image
-from pipeline.io import JsonlLog, atomic_write, read_jsonl
+from pipeline.io import JsonlLog, atomic_write, read_jsonl, remove_partial_files
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def crop(cfg: DictConfig) -> dict:
     cascade_path = resolve_cascade(cfg)
     load_cascade(cascade_path)  # fail here, once, rather than in every worker
     output_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_partial_files(output_dir):
+        log.info("removed %d partial tiles left by a killed run in %s", removed, output_dir)
     done = {(r["source"], r["bytes"]) for r in read_jsonl(output_dir / "sources.jsonl")}
     todo = [p for p in find_images(input_dir)
             if (p.relative_to(input_dir).as_posix(), file_size(p)) not in done]

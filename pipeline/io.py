@@ -23,6 +23,15 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def remove_partial_files(folder) -> int:
+    """Delete the temp files atomic_write leaves behind when its process is killed mid-write (SIGKILL
+    runs no cleanup); a stage calls this when it starts on its output folder. Returns how many."""
+    stale = [p for p in Path(folder).rglob(".*.part") if p.is_file()] if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

@@ -26,7 +26,7 @@ from urllib3.util.retry import Retry
 
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.io import JsonlLog, atomic_write_bytes, read_jsonl
+from pipeline.io import JsonlLog, atomic_write_bytes, read_jsonl, remove_partial_files
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,8 @@ class Scraper:
         self.cfg = cfg
         self.raw_dir = Path(cfg.raw_dir)
         self.index_path = self.raw_dir / "index.jsonl"
+        if removed := remove_partial_files(self.raw_dir):
+            log.info("removed %d partial files left by a killed run in %s", removed, self.raw_dir)
         self.done = latest_rows(self.index_path)
         self.client = Client(cfg)
         self.counts = Counter()

@@ -138,3 +138,14 @@ def test_a_file_that_vanishes_mid_run_is_skipped(tmp_path, crop_cfg, illustratio
     assert totals["images"] == 4 and totals["skipped"] == 1
     assert rows["gone.png"]["status"] == "skipped" and "FileNotFoundError" in rows["gone.png"]["reason"]
     assert all(rows[p.name]["status"] == "ok" for p in listed)
+
+
+def test_partial_tiles_of_a_killed_run_are_removed_on_the_next(tmp_path, crop_cfg, illustrations):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(sorted(illustrations.rglob("*.jpg"))[0], src / "a.jpg")
+    stale = tmp_path / "faces" / ".a_123456_0.png.k2j4h1.part"  # what atomic_write leaves after a SIGKILL
+    stale.parent.mkdir()
+    stale.write_bytes(b"half a png")
+    crop(crop_cfg(src))
+    assert not stale.exists() and not list((tmp_path / "faces").rglob("*.part"))
