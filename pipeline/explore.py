@@ -32,7 +32,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from pipeline.config import Paths, checked, key
-from pipeline.errors import DataError, PipelineError, exit_on_error
+from pipeline.errors import PipelineError, exit_on_error
 from pipeline.faces import DetectorConfig, face_tiles, load_cascade, resolve_cascade
 from pipeline.images import load_image, on_white, to_uint8
 from pipeline.io import atomic_write
@@ -129,7 +129,7 @@ class LoadedRun:
         self.prior_note = ""
         try:
             self.prior, self.prior_name = self.run.prior("default", 100, 0)
-        except (DataError, PipelineError) as err:
+        except PipelineError as err:  # an old run without prior.pt whose training split is gone
             self.prior, self.prior_name, self.prior_note = None, "normal", str(err)
             log.warning("%s: sampling from N(0, I) instead", err)
         self.pca = principal_directions(self.run, self.prior)
