@@ -16,6 +16,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,14 +195,15 @@ class LoadedRun:
     def nearest(self, z: torch.Tensor) -> dict:
         """The training faces closest in pixels to the decoded face (memorisation at a glance)."""
         faces, norms = self.train_faces()
-        query = self.run.decode(z)[0].flatten()
+        face = self.run.decode(z)[0]
+        query = face.flatten()
         dots = torch.cat([chunk.float().div(255) @ query for chunk in faces.split(4096)])
         distance = (norms - 2 * dots + query.square().sum()).clamp(min=0).sqrt()
         best = distance.topk(min(self.settings.nearest, len(faces)), largest=False)
         side = self.run.model.image_size
         tiles = faces[best.indices].reshape(-1, 3, side, side).float().div(255)
         return {"images": [png_data_url(t) for t in tiles], "distances": [round(float(d), 2) for d in best.values],
-                "face": png_data_url(self.run.decode(z)[0])}
+                "face": png_data_url(face)}
 
 
 class Explorer:
@@ -216,6 +218,7 @@ class Explorer:
                 newest.setdefault(float(entry["obs_std"]), entry["ckpt"])
         ckpts = [first, *(c for c in newest.values() if c.resolve() != first.resolve())]
         self.ckpts = {str(i): ckpt for i, ckpt in enumerate(ckpts)}
+        self.obs_stds = {ckpt: obs_std for obs_std, ckpt in newest.items()}
         self.loaded: dict[str, LoadedRun] = {}
         self.lock = threading.Lock()
         self._cascade = None
@@ -234,7 +237,7 @@ class Explorer:
         rows = []
         for run_id, ckpt in self.ckpts.items():
             info = self.loaded[run_id].describe() if run_id in self.loaded else {
-                "obs_std": float(OmegaConf.load(ckpt.parent / "config.yaml").obs_std), "folder": str(ckpt.parent)}
+                "obs_std": self.obs_stds[ckpt], "folder": str(ckpt.parent)}  # run "0" is always loaded
             rows.append({"id": run_id, **info})
         return rows
 
@@ -431,7 +434,7 @@ def serve(app: Starlette, sock: socket.socket) -> None:
 
     def announce():
         while not server.started and not server.should_exit:
-            threading.Event().wait(0.05)
+            time.sleep(0.05)
         if server.started:
             print(url, flush=True)
     threading.Thread(target=announce, daemon=True).start()
