@@ -6,6 +6,8 @@
 For each prior: FID and KID of n samples against the test split (and the same for real training
 faces: the floor), sharpness of samples relative to real faces, and a memorisation check (distance
 of samples to their nearest training face vs the same for test faces). Also the test ELBO.
+With reference=FOLDER, FID and KID also against a second, out-of-source set of real faces (e.g.
+`pipeline.crop`'s tiles of other pictures), so a gain that only fits the test split shows.
 Writes metrics.json and nearest_<prior>.png beside the checkpoint and prints a table.
 """
 import hashlib
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import hydra
 import numpy as np
 import torch
@@ -23,19 +26,20 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pipeline.config import Paths, checked, key
-from pipeline.errors import ConfigError, PipelineError, exit_on_error
-from pipeline.images import to_float, to_uint8
+from pipeline.errors import ConfigError, DataError, PipelineError, exit_on_error
+from pipeline.images import find_images, load_rgb, to_float, to_uint8
 from pipeline.io import atomic_write, atomic_write_bytes
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
 from pipeline.model import evaluate_elbo
 from pipeline.prior import sample_latents
-from pipeline.runs import open_run
+from pipeline.runs import load_split, open_run
 
 log = logging.getLogger(__name__)
 
 # FID is biased upwards, more so the fewer the samples; below this (the size bench/RESULTS.md uses) it is
 # not comparable with anything
 FID_MIN_SAMPLES = 2000
+REFERENCE_MAX_PIXELS = 64_000_000  # as crop.max_pixels: larger pictures are not face tiles
 
 
 @dataclass
@@ -52,6 +56,7 @@ class EvaluateJob:
     sheet_n: int = key(low=0)
     device: str = key()
     report: bool = key()
+    reference: str | None = key()
     obs_std: float | None = key(low=1e-6, default=None)
 
 
@@ -79,11 +84,40 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
     return feats
 
 
+def reference_faces(path, size: int) -> np.ndarray:
+    """uint8 N x 3 x size x size faces from a folder of pictures (resized when not size x size) or a packed .npy."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        faces = load_split(path, "reference")
+    elif path.is_dir():
+        files = find_images(path)
+        if len(files) < 2:
+            raise DataError(f"reference={path} holds {len(files)} pictures: point it at a folder of face tiles "
+                            "(e.g. `python -m pipeline.crop crop.input_dir=OTHER_PICTURES crop.output_dir=FOLDER`)")
+        faces = np.stack([reference_tile(f, size) for f in files]).transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"reference={path} is neither a folder of face pictures nor a packed .npy file")
+    if faces.shape[-1] != size:
+        raise DataError(f"reference={path} holds {faces.shape[-1]} px faces; the model makes {size} px ones")
+    return faces
+
+
+def reference_tile(file: Path, size: int) -> np.ndarray:
+    try:
+        rgb = load_rgb(file, REFERENCE_MAX_PIXELS)
+    except (OSError, ValueError) as err:
+        raise DataError(f"reference picture {file} cannot be read ({err}): remove it or replace it") from None
+    if rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    return rgb
+
+
 def evaluate(cfg: DictConfig) -> dict:
     run = open_run(cfg)
     device = run.device
     n = sample_count(cfg.n, device)
     train, test = run.split("train"), run.split("test")
+    reference = reference_faces(cfg.reference, test.shape[-1]) if cfg.reference else None
     extractor = InceptionFeatures(device)
     cache_dir = Path(cfg.paths.output_dir) / "fid_cache"
     rng = np.random.default_rng(cfg.seed)
@@ -100,6 +134,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "real_sharpness": sharpness(test), "test_to_train_rms_median": float(np.median(test_to_train)),
         "priors": {},
     }
+    if reference is not None:
+        real_reference = cached_features(extractor, reference, cache_dir, cfg.batch_size)
+        results["reference"] = {"path": str(cfg.reference), "n": len(reference),
+                                "floor_train_vs_reference": fid_kid(real_reference, real_train)}
     for asked in cfg.priors:
         prior, prior_name = run.prior(asked, cfg.gmm_components, cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -114,6 +152,8 @@ def evaluate(cfg: DictConfig) -> dict:
             "sample_to_train_rms_median": float(np.median(dist)),
             "memorisation_ratio": float(np.median(dist) / results["test_to_train_rms_median"]),
         }
+        if reference is not None:
+            results["priors"][prior_name]["reference"] = fid_kid(real_reference, fake)
         k = min(cfg.sheet_n, len(samples))
         pairs = torch.stack([torch.as_tensor(samples[:k]), torch.as_tensor(train[index[:k]])], 1).flatten(0, 1)
         save_image(to_float(pairs), run.ckpt_path.parent / f"nearest_{prior_name}.png", nrow=8)
@@ -125,13 +165,17 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def table(all_results: list[dict]) -> str:
-    lines = ["| obs_std | step | test ELBO (nats) | bits/dim | prior | FID | KID x1e3 | sharpness | memorisation | floor FID |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown table; the reference columns (FID / KID x1e3, floor FID) show - for runs scored without one."""
+    lines = ["| obs_std | step | test ELBO (nats) | bits/dim | prior | FID | KID x1e3 | sharpness | memorisation | "
+             "floor FID | reference FID / KID x1e3 (floor FID) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in all_results:
         for prior, p in r["priors"].items():
+            ref = (f"{p['reference']['fid']:.1f} / {1e3 * p['reference']['kid']:.1f} "
+                   f"({r['reference']['floor_train_vs_reference']['fid']:.1f})" if "reference" in p else "-")
             lines.append(f"| {r['obs_std']:g} | {r['step']} | {r['test_elbo']:.1f} | {r['test_bpd']:.3f} | {prior} | "
                          f"{p['fid']:.1f} | {1e3 * p['kid']:.1f} | {p['sharpness_ratio']:.2f} | "
-                         f"{p['memorisation_ratio']:.2f} | {r['floor_train_vs_test']['fid']:.1f} |")
+                         f"{p['memorisation_ratio']:.2f} | {r['floor_train_vs_test']['fid']:.1f} | {ref} |")
     return "\n".join(lines)
 
 

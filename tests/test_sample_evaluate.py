@@ -91,9 +91,15 @@ def test_sharpness_and_nearest_neighbours():
     assert index.tolist() == [2, 0] and dist.max() == 0
 
 
-def test_evaluate_writes_metrics_json_with_every_number(trained):
+def test_evaluate_writes_metrics_json_with_every_number(trained, tiny_data, tmp_path):
+    reference = tmp_path / "other_faces"  # a second set of faces: 64 px tiles and one larger picture
+    reference.mkdir()
+    faces = np.load(tiny_data / "test.npy")[:5].transpose(0, 2, 3, 1)
+    for k, face in enumerate(faces):
+        Image.fromarray(face).save(reference / f"{k}.png")
+    Image.fromarray(faces[0]).resize((100, 100)).save(reference / "big.jpg")
     proc = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "device=cpu", "+obs_std=0.1", "n=12",
-                      "gmm_components=4", "nearest_n=12", "sheet_n=4")
+                      "gmm_components=4", "nearest_n=12", "sheet_n=4", f"reference={reference}")
     path = proc.stdout.strip().splitlines()[-1]
     metrics = json.loads(open(path).read())
     assert metrics["n"] == 12 and metrics["obs_std"] == 0.1 and metrics["test_bpd"] > 0
@@ -101,7 +107,10 @@ def test_evaluate_writes_metrics_json_with_every_number(trained):
     for prior in ("normal", "gmm"):
         p = metrics["priors"][prior]
         assert p["fid"] > 0 and p["sharpness_ratio"] > 0 and p["memorisation_ratio"] > 0
-    assert "| 0.1 |" in proc.stdout
+        assert p["reference"]["fid"] > 0 and p["reference"]["kid"] != p["kid"]
+    assert metrics["reference"]["n"] == 6 and metrics["reference"]["floor_train_vs_reference"]["fid"] >= 0
+    assert "| 0.1 |" in proc.stdout and f"({metrics['reference']['floor_train_vs_reference']['fid']:.1f}) |" \
+        in proc.stdout
     assert metrics["fid_reliable"] is False and "n=12: an FID from fewer than 2000 samples" in proc.stdout
     report = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "report=true")
     assert report.stdout.count("| 0.1 |") == 2
@@ -163,6 +172,7 @@ def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp
     ("pipeline.evaluate", ["n=0"], "n=0: use auto or a whole number of samples >= 2"),
     ("pipeline.evaluate", ["n=abc"], "n='abc': use auto"),
     ("pipeline.evaluate", ["priors=default"], "priors='default' is not a list"),
+    ("pipeline.evaluate", ["reference=/no/such/faces"], "reference=/no/such/faces is neither a folder of face"),
 ])
 def test_bad_sample_and_evaluate_values_are_one_line_errors(trained, module, args, message):
     before = sorted(p for p in trained.rglob("*") if p.is_file())

@@ -1,0 +1,70 @@
+"""Images/s of training configurations side by side, and the fixed quality budget each one buys.
+
+    .venv/bin/python bench/step_rate.py --rounds 2 "" "train.batch_size=32" "train.compile=true"
+
+Each side is a string of `pipeline.train` overrides ("" = the default); the sides run one after
+another, alternating for --rounds rounds, each for the same number of images (--images, at the
+side's batch size), with 2 threads. A side's rate is the last metrics row's img/s, so start-up and
+torch.compile's first steps are left out. The budget of bench/RESULTS.md's quality rows is what 12
+minutes bought the default on the reference CPU, 4,320 steps of batch 64: a side gets
+4,320 x 64 x (its img/s / the default's img/s) / its batch size steps.
+"""
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "bench" / "out" / "data"   # packed by bench/quality.py
+BUDGET_STEPS, BUDGET_BATCH = 4320, 64
+
+
+def batch_size(overrides: list[str]) -> int:
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("train.batch_size=")]
+    return int(given[-1]) if given else OmegaConf.load(ROOT / "conf/train/default.yaml").batch_size
+
+
+def images_per_second(overrides: list[str], images: int, threads: int) -> float:
+    steps = images // batch_size(overrides)
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "pipeline.train", f"paths.data_dir={DATA}", f"paths.output_dir={out}",
+                        f"train.max_steps={steps}", f"train.log_every={steps // 4}", "train.prior_components=1",
+                        f"train.num_threads={threads}", *overrides],
+                       cwd=ROOT, check=True, capture_output=True)
+        with open(next(Path(out).glob("train/*/*/metrics.csv"))) as f:
+            rows = [r for r in csv.DictReader(f) if r["img_per_s"]]
+    return float(rows[-1]["img_per_s"])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sides", nargs="+", help='override strings, e.g. "" "train.batch_size=32"')
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=10240)
+    parser.add_argument("--threads", type=int, default=2)
+    opts = parser.parse_args()
+    if not (DATA / "train.npy").exists():
+        sys.exit(f"{DATA / 'train.npy'} not found: run bench/quality.py once (it packs the shared faces there)")
+    sides = [s.split() for s in opts.sides]
+    if [] not in sides:
+        sides.insert(0, [])   # the budget is relative to the default
+    rates = {i: [] for i in range(len(sides))}
+    for _ in range(opts.rounds):
+        for i, side in enumerate(sides):
+            rates[i].append(images_per_second(side, opts.images, opts.threads))
+            print(f"{' '.join(side) or 'default'}: {rates[i][-1]:.0f} img/s", flush=True)
+    default_rate = statistics.mean(rates[sides.index([])])
+    print("| side | img/s per round | mean | budget steps |\n| --- | --- | --- | --- |")
+    for i, side in enumerate(sides):
+        mean = statistics.mean(rates[i])
+        steps = round(BUDGET_STEPS * BUDGET_BATCH * mean / default_rate / batch_size(side))
+        print(f"| `{' '.join(side) or 'default'}` | {', '.join(f'{r:.0f}' for r in rates[i])} | {mean:.0f} | {steps:,} |")
+
+
+if __name__ == "__main__":
+    main()
