@@ -87,6 +87,9 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
 def reference_faces(path, size: int) -> np.ndarray:
     """uint8 N x 3 x size x size faces from a folder of pictures (resized when not size x size) or a packed .npy."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"reference={path} is neither a folder of face pictures nor a packed .npy file: "
+                        "nothing is there")
     if path.suffix == ".npy":
         faces = load_split(path, "reference")
     elif path.is_dir():
