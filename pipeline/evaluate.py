@@ -87,17 +87,14 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
 def reference_faces(path, size: int) -> np.ndarray:
     """uint8 N x 3 x size x size faces from a folder of pictures (resized when not size x size) or a packed .npy."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"reference={path} is neither a folder of face pictures nor a packed .npy file: "
-                        "nothing is there")
-    if path.suffix == ".npy":
-        faces = load_split(path, "reference")
-    elif path.is_dir():
+    if path.is_dir():
         files = find_images(path)
         if len(files) < 2:
             raise DataError(f"reference={path} holds {len(files)} pictures: point it at a folder of face tiles "
                             "(e.g. `python -m pipeline.crop crop.input_dir=OTHER_PICTURES crop.output_dir=FOLDER`)")
         faces = np.stack([reference_tile(f, size) for f in files]).transpose(0, 3, 1, 2)
+    elif path.is_file() and path.suffix == ".npy":
+        faces = load_split(path, "reference")
     else:
         raise DataError(f"reference={path} is neither a folder of face pictures nor a packed .npy file")
     if faces.shape[-1] != size:
