@@ -69,6 +69,25 @@ def test_decoder_means_live_in_the_data_range_and_logvar_is_clamped():
         VAE(image_size=60, depth=4)
 
 
+@pytest.mark.parametrize("upsample", ["transposed", "nearest"])
+def test_both_decoder_upsamplings_give_full_size_images_and_learn(upsample):
+    torch.manual_seed(0)
+    model = VAE(image_size=32, width=8, depth=3, latent_dim=4, res_blocks=1, upsample=upsample)
+    x = torch.rand(4, 3, 32, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = negative_elbo(x, *model(x))[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert model.decode(torch.zeros(1, 4)).shape == (1, 3, 32, 32)
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="model.upsample='bilinear'"):
+        VAE(image_size=32, width=8, depth=3, latent_dim=4, upsample="bilinear")
+
+
 def test_bf16_is_used_on_cuda_by_default_and_elsewhere_only_when_asked():
     from pipeline.train import TrainError, use_bf16
     assert use_bf16("auto", "cuda") and not use_bf16("auto", "cpu") and not use_bf16("auto", "mps")
