@@ -65,6 +65,7 @@ class TrainConfig:
     lr: float = key(low=1e-12)
     min_lr_ratio: float = key(low=0, high=1)
     warmup_steps: int = key(low=0)
+    kl_warmup_steps: int = key(low=0)
     weight_decay: float = key(low=0)
     flip: bool = key()
     ckpt_every: int = key(low=1)
@@ -215,6 +216,11 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def kl_weight(step: int, warmup: int) -> float:
+    """The KL term's weight at `step`: rising linearly to 1 over the first `warmup` steps, then 1 (the ELBO)."""
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
 def build(cfg, image_size: int, proc: Proc, total_steps: int) -> Parts:
@@ -514,7 +520,8 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
         # forward (bf16 where the hardware has it), the exact -ELBO in fp32, one optimizer step
         with autocast:
             out, mu, logvar = parts.net(x)
-        loss, nll, kl = negative_elbo(x, out, mu, logvar, cfg.likelihood, cfg.obs_std, cfg.beta)
+        beta = cfg.beta * kl_weight(progress.step, cfg.train.kl_warmup_steps)
+        loss, nll, kl = negative_elbo(x, out, mu, logvar, cfg.likelihood, cfg.obs_std, beta)
         parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parts.optimizer.step()
@@ -600,6 +607,9 @@ def store_prior(cfg, model: VAE, train_np: np.ndarray, progress: Progress, run_d
 
 
 def log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoch, model) -> None:
+    if cfg.train.kl_warmup_steps:
+        log.info("KL warmup: the KL term's weight rises from 0 to beta over the first %d steps (the loss is the "
+                 "ELBO only after that)", cfg.train.kl_warmup_steps)
     if cfg.beta != 1:
         log.warning("beta=%s: the loss is NOT the ELBO (KL weighted by %s); reported ELBOs use beta=1",
                     cfg.beta, cfg.beta)

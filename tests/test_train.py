@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.runs import load_checkpoint
+from pipeline.train import kl_weight
 from tests.helpers import ROOT, run_module, train_args
 
 pytestmark = pytest.mark.slow
@@ -169,6 +170,16 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_data, tmp_path):
                       check=False)
     assert proc.returncode == 2
     assert "non-finite at step 0" in proc.stderr
+
+
+def test_kl_warmup_weighs_the_kl_term_up_to_the_elbo_and_only_the_loss(tiny_data, tmp_path):
+    assert [kl_weight(s, 100) for s in (0, 49, 99, 100, 5000)] == [0.01, 0.5, 1.0, 1.0, 1.0]
+    assert kl_weight(0, 0) == 1.0
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=10", "train.kl_warmup_steps=1000"))
+    rows = list(csv.DictReader(open(only_run(tmp_path) / "metrics.csv")))
+    for row in rows:  # weights 0.001-0.01 over the first 10 steps: the loss is nearly the nll alone
+        loss, nll, kl = float(row["loss"]), float(row["nll"]), float(row["kl"])
+        assert nll < loss < nll + 0.011 * kl, row
 
 
 def test_the_preset_is_chosen_from_the_device_unless_given(tiny_data, tmp_path):
