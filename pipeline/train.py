@@ -74,6 +74,7 @@ class TrainConfig:
     grid_n: int = key(low=1)
     amp: str = key(choices=("auto", "true", "false", "True", "False"))
     channels_last: bool = key()
+    fused_adam: bool = key()
     compile: bool = key()
     num_threads: int | None = key(low=1)
     prior_components: int = key(low=1)
@@ -98,8 +99,8 @@ class TrainJob:
 # What a resumed run may change (given on the command line, recorded in resumes.jsonl); every other key
 # keeps the run's value, and giving it a different one is refused: it would change what the run means.
 RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_threads",
-                     "train.eval_batch_size", "train.grid_n", "train.compile", "train.prior_components", "device",
-                     "paths.output_dir", "resume", "preset"}
+                     "train.eval_batch_size", "train.grid_n", "train.compile", "train.fused_adam",
+                     "train.prior_components", "device", "paths.output_dir", "resume", "preset"}
 
 
 @dataclass
@@ -231,7 +232,7 @@ def build(cfg, image_size: int, proc: Proc, total_steps: int) -> Parts:
     if cfg.train.channels_last:
         core = core.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(core.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=proc.device.type == "cuda")
+                                  fused=cfg.train.fused_adam and proc.device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
     ema = None
