@@ -88,9 +88,13 @@ def test_both_decoder_upsamplings_give_full_size_images_and_learn(upsample):
         VAE(image_size=32, width=8, depth=3, latent_dim=4, upsample="bilinear")
 
 
-def test_bf16_is_used_on_cuda_by_default_and_elsewhere_only_when_asked():
+def test_bf16_is_used_on_cuda_and_on_cpus_with_native_bf16_by_default(monkeypatch):
+    from pipeline import train
     from pipeline.train import TrainError, use_bf16
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
     assert use_bf16("auto", "cuda") and not use_bf16("auto", "cpu") and not use_bf16("auto", "mps")
     assert use_bf16("true", "cpu") and use_bf16("True", "cuda") and not use_bf16("false", "cuda")
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert use_bf16("auto", "cpu") and not use_bf16("false", "cpu") and not use_bf16("auto", "mps")
     with pytest.raises(TrainError, match="train.amp='maybe'"):
         use_bf16("maybe", "cpu")
