@@ -23,8 +23,8 @@ def run_module(module: str, *overrides: str, check: bool = True, timeout: int = 
 def train_args(data_dir, out_dir, *extra) -> list[str]:
     """A CPU-sized training config: a small model, small batches, frequent logs."""
     return [f"paths.data_dir={data_dir}", f"paths.output_dir={out_dir}", "device=cpu", "model.width=16",
-            "model.latent_dim=32", "train.batch_size=32", "train.warmup_steps=5", "train.log_every=5",
-            "train.grid_n=16", "train.prior_components=4", *extra]
+            "model.decoder_width=16", "model.latent_dim=32", "train.batch_size=32", "train.warmup_steps=5",
+            "train.log_every=5", "train.grid_n=16", "train.prior_components=4", *extra]
 
 
 def upstream_face_count(folder: Path, cascade: Path) -> int:
