@@ -180,7 +180,7 @@ def decode_means(model: VAE, z: torch.Tensor, batch_size: int = 500) -> torch.Te
 
 def recon_grid(model: VAE, faces_uint8, nrow: int) -> torch.Tensor:
     """Rows of faces, each followed by the row of their reconstructions (decoder means of mu)."""
-    return interleave_rows(to_float(faces_uint8), decode_means(model, encode_means(model, faces_uint8)), nrow)
+    return interleave_rows(to_float(faces_uint8).cpu(), decode_means(model, encode_means(model, faces_uint8)), nrow)
 
 
 def evaluate_elbo(model: VAE, data_uint8: torch.Tensor, likelihood: str, obs_std: float,
