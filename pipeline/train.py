@@ -70,6 +70,7 @@ class TrainConfig:
     flip: bool = key()
     ckpt_every: int = key(low=1)
     log_every: int = key(low=1)
+    eval_every: int = key(low=1)
     eval_batch_size: int = key(low=1)
     grid_n: int = key(low=1)
     amp: str = key(choices=("auto", "true", "false", "True", "False"))
@@ -98,7 +99,7 @@ class TrainJob:
 
 # What a resumed run may change (given on the command line, recorded in resumes.jsonl); every other key
 # keeps the run's value, and giving it a different one is refused: it would change what the run means.
-RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_threads",
+RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.eval_every", "train.num_threads",
                      "train.eval_batch_size", "train.grid_n", "train.compile", "train.fused_adam",
                      "train.prior_components", "device", "paths.output_dir", "resume", "preset"}
 
@@ -425,6 +426,8 @@ class Stop:
 
     def agreed(self, proc: Proc) -> int:
         """The signal any rank received (all ranks stop together)."""
+        if proc.world == 1:
+            return self.signum  # no device tensor: reading one back would wait for the GPU every step
         signum = torch.tensor(self.signum, device=proc.device)
         if proc.world > 1:
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
@@ -482,8 +485,8 @@ def next_batch(cfg, data: torch.Tensor, order: torch.Tensor, batch_no: int, devi
 
 
 def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Progress, test: torch.Tensor,
-            steps_per_epoch: int, images_per_step: int, end_of_epoch: bool, bar: tqdm) -> None:
-    """A metrics row (all ranks reset their meters; rank 0 writes), with test ELBO and grids at epoch ends."""
+            steps_per_epoch: int, images_per_step: int, evaluate_now: bool, bar: tqdm) -> None:
+    """A metrics row (all ranks reset their meters; rank 0 writes), with test ELBO and grids when `evaluate_now`."""
     step = progress.step
     (loss, nll, kl), img_s = meter.take(step, images_per_step)
     if outputs is None:
@@ -491,7 +494,7 @@ def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Prog
     row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "nll": nll, "kl": kl,
            "lr": parts.scheduler.get_last_lr()[0], "img_per_s": img_s}
     bar.set_postfix(loss=f"{loss:.1f}", kl=f"{kl:.1f}", img_s=f"{img_s:.0f}")
-    if end_of_epoch:
+    if evaluate_now:
         row.update(evaluate_elbo(parts.core, test, cfg.likelihood, cfg.obs_std, cfg.train.eval_batch_size))
         progress.best_test_elbo = max(progress.best_test_elbo, row["test_elbo"])
         outputs.save_grids(parts.sampler, test, math.ceil(step / steps_per_epoch))
@@ -533,17 +536,17 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
         progress.step += 1
         bar.update()
 
-        # metrics every log_every steps; test ELBO and grids at the end of each epoch
+        # metrics every log_every steps; test ELBO and grids every eval_every epochs and at the end
         step, last = progress.step, progress.step == total_steps
-        end_of_epoch = step % steps_per_epoch == 0 or last
-        if step % cfg.train.log_every == 0 or end_of_epoch:
+        evaluate_now = last or (step % steps_per_epoch == 0 and step // steps_per_epoch % cfg.train.eval_every == 0)
+        if step % cfg.train.log_every == 0 or evaluate_now:
             meter.check_finite(ckpt_path, last_good_step)
             log_row(cfg, outputs, parts, meter, progress, test_data, steps_per_epoch, images_per_step,
-                    end_of_epoch, bar)
+                    evaluate_now, bar)
 
-        # checkpoint: every ckpt_every steps, each epoch's end, the last step, and on a stop signal
+        # checkpoint: every ckpt_every steps, the last step, and on a stop signal
         signum = stop.agreed(proc)
-        if step % cfg.train.ckpt_every == 0 or end_of_epoch or signum:
+        if step % cfg.train.ckpt_every == 0 or last or signum:
             meter.check_finite(ckpt_path, last_good_step)
             rngs = rng_states(proc)  # a collective: every rank takes part
             if outputs:

@@ -41,6 +41,16 @@ def test_short_training_improves_the_test_elbo_and_writes_its_outputs(small_data
     assert ckpt["step"] == 4 * (len(np.load(small_data / "train.npy")) // 32)
 
 
+def test_eval_every_spaces_the_test_elbo_and_grids_and_the_last_step_is_always_evaluated(tiny_data, tmp_path):
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.epochs=5", "train.eval_every=2"))
+    run = only_run(tmp_path)
+    steps_per_epoch = len(np.load(tiny_data / "train.npy")) // 32
+    tested = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv")) if r["test_elbo"]]
+    assert tested == [2 * steps_per_epoch, 4 * steps_per_epoch, 5 * steps_per_epoch]
+    assert sorted(p.name for p in run.glob("samples_epoch*.png")) == \
+        ["samples_epoch002.png", "samples_epoch004.png", "samples_epoch005.png"]
+
+
 def wait_for_checkpoint(path, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -189,7 +199,8 @@ def test_the_preset_is_chosen_from_the_device_unless_given(tiny_data, tmp_path):
     asked = run_module("pipeline.train", "preset=gpu", *train_args(tiny_data, tmp_path / "gpu", "train.max_steps=2"))
     assert "preset: gpu" in asked.stdout and "chosen from the device" not in asked.stdout
     config = OmegaConf.load(only_run(tmp_path / "gpu") / "config.yaml")
-    assert config.preset_name == "gpu" and config.train.epochs == 300  # the preset's schedule
+    assert config.preset_name == "gpu"
+    assert config.train.epochs == OmegaConf.load(ROOT / "conf/preset/gpu.yaml").train.epochs  # the preset's schedule
     assert config.model.width == 16 and config.train.batch_size == 32  # the command line still wins
 
 
