@@ -3,7 +3,8 @@
 On the GPU machine (nothing there can be downloaded: the unique shared faces travel as a .tar.gz and
 the pure-Python packages Hydra needs as a folder, see bench/RESULTS.md for the exact call):
     python bench/gpu_preset.py run --faces .gpu/faces.tar.gz --out $OUT --rows "cpu12:preset=cpu ..."
-Back here, on the sample sheets it wrote (2,000 lossless 64x64 tiles per PNG):
+Back here, on the sample sheets it wrote (2,000 64x64 tiles per lossless WebP: a PNG of sharp samples can pass
+the 16 MiB a returned file may have):
     .venv/bin/python bench/gpu_preset.py score DIR [--reference bench/out/outsource_faces]
 
 `run`: packs the faces with `pipeline.pack`, times a bf16 matrix product (the MFU ceiling), counts the
@@ -121,7 +122,7 @@ def run_summary(run_dir: Path) -> dict:
 
 
 def sample_sheet(run_dir: Path, prior_name: str, path: Path, device: str) -> float:
-    """2,000 decoder means from the run's prior, seeded as `make eval` draws them, as one lossless PNG."""
+    """2,000 decoder means from the run's prior, seeded as `make eval` draws them, as one lossless image."""
     from pipeline.images import to_uint8
     from pipeline.prior import sample_latents
     from pipeline.runs import Run
@@ -131,7 +132,8 @@ def sample_sheet(run_dir: Path, prior_name: str, path: Path, device: str) -> flo
     z = sample_latents(prior, N_SAMPLES, run.model.latent_dim, torch.Generator().manual_seed(0))
     tiles = to_uint8(run.decode(z)).numpy()
     rows = tiles.reshape(N_SAMPLES // SHEET_COLUMNS, SHEET_COLUMNS, 3, 64, 64).transpose(0, 3, 1, 4, 2)
-    Image.fromarray(np.ascontiguousarray(rows.reshape(rows.shape[0] * 64, SHEET_COLUMNS * 64, 3))).save(path)
+    sheet = Image.fromarray(np.ascontiguousarray(rows.reshape(rows.shape[0] * 64, SHEET_COLUMNS * 64, 3)))
+    sheet.save(path, lossless=True, quality=100)  # WebP: about 3/4 of the PNG's bytes
     return time.time() - started
 
 
@@ -160,9 +162,10 @@ def run(opts) -> None:
         summary["runs"]["gpu"][key.replace("img_per_s", "mfu")] = rate and cuda and {
             "vs_measured_matmul": rate * flops / 1e12 / summary["matmul_bf16_tflops"],
             "vs_datasheet": rate * flops / 1e12 / DATASHEET_BF16_TFLOPS}
-    summary["runs"]["gpu"]["sample_2000_seconds"] = sample_sheet(run_dir, "default", out / "gpu_default.png",
+    summary["runs"]["gpu"]["sample_2000_seconds"] = sample_sheet(run_dir, "default", out / "gpu_default.webp",
                                                                  opts.device)
-    sample_sheet(run_dir, "normal", out / "gpu_normal.png", opts.device)
+    if opts.normal:
+        sample_sheet(run_dir, "normal", out / "gpu_normal.webp", opts.device)
     subprocess.run([sys.executable, "-m", "pipeline.sample", f"paths.output_dir={work}/out", f"ckpt={run_dir}",
                     f"hydra.run.dir={work}/logs/sample", "+obs_std=0.1"], cwd=ROOT, check=False,
                    stdout=open(work / "sample.log", "w"), stderr=subprocess.STDOUT)
@@ -176,7 +179,7 @@ def run(opts) -> None:
         summary["runs"][name] = {**finished[name], "args": jobs[name]}
         try:  # one broken row must not lose the others
             summary["runs"][name].update(run_summary(row_dir))
-            sample_sheet(row_dir, "default", out / f"{name}_default.png", opts.device)
+            sample_sheet(row_dir, "default", out / f"{name}_default.webp", opts.device)
         except Exception as err:
             summary["runs"][name]["error"] = repr(err)
     summary["seconds"] = time.time() - begun
@@ -210,7 +213,7 @@ def score(opts) -> None:
     if opts.reference:
         real["reference"] = cached_features(extractor, reference_faces(opts.reference, 64), cache, 100)
     print("| sheet | n | " + " | ".join(f"FID {k} | KID {k} x1e3" for k in real) + " |")
-    for sheet in sorted(Path(opts.dir).glob(opts.glob)):
+    for sheet in sorted(p for p in Path(opts.dir).iterdir() if p.suffix in (".png", ".webp")):
         fake = features(extractor, read_sheet(sheet), 100)
         scores = {k: fid_kid(r, fake) for k, r in real.items()}
         print(f"| {sheet.stem} | {len(fake)} | " +
@@ -225,16 +228,19 @@ def main():
     on_gpu.add_argument("--out", required=True)
     on_gpu.add_argument("--rows", nargs="*", default=[], help='"name:override override ..." trained side by side')
     on_gpu.add_argument("--preset-args", nargs="*", default=[], help="extra overrides for the preset=gpu run")
+    on_gpu.add_argument("--normal", action="store_true", help="also the preset's N(0, I) sheet (64 MiB come back)")
     on_gpu.add_argument("--device", default="cuda", help="cpu: a small trial of the whole call here")
     on_gpu.add_argument("--deadline", type=float, default=480, help="seconds for everything")
     on_gpu.add_argument("--rows-seconds", type=float, default=200, help="seconds kept for the rows")
     here = commands.add_parser("score")
     here.add_argument("dir")
-    here.add_argument("--glob", default="*.png")
     here.add_argument("--test", default=str(ROOT / "bench" / "out" / "data" / "test.npy"))
     here.add_argument("--reference")
     opts = parser.parse_args()
-    run(opts) if opts.command == "run" else score(opts)
+    if opts.command == "run":
+        run(opts)
+    else:
+        score(opts)
 
 
 if __name__ == "__main__":
