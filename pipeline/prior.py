@@ -18,6 +18,8 @@ from pipeline.model import VAE, encode_means
 log = logging.getLogger(__name__)
 
 PRIOR_NAME = "prior.pt"
+# the default 100 components need 10,000 training faces; the default data (14,992) allows 149
+CODES_PER_COMPONENT = 100
 
 
 def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
@@ -29,14 +31,34 @@ def fit_gmm(codes: np.ndarray, components: int, seed: int) -> dict:
             "cholesky": torch.linalg.cholesky(torch.tensor(gmm.covariances_))}
 
 
+def supported_components(asked: int, codes: int) -> int:
+    """At most one mixture component per CODES_PER_COMPONENT training codes: fewer codes than that per
+    full-covariance component fit a degenerate density (and cost minutes of CPU for nothing)."""
+    return max(1, min(asked, codes // CODES_PER_COMPONENT))
+
+
 def fit_gmm_prior(model: VAE, train_uint8: np.ndarray, components: int, seed: int, step: int) -> dict:
-    """A `components`-mixture over the training codes, tagged with what it was fitted for."""
-    if len(train_uint8) < components * 2:
-        raise PipelineError(f"{len(train_uint8)} training faces are too few for a {components}-component "
-                            "mixture; lower gmm_components (sampling) or train.prior_components (training)")
+    """A mixture of `components` (capped by supported_components) over the training codes, tagged with
+    what it was fitted for."""
+    if len(train_uint8) < 2:
+        raise PipelineError(f"{len(train_uint8)} training face is too few for a mixture prior; "
+                            "add faces, or sample with prior=normal")
+    fitted = supported_components(components, len(train_uint8))
+    if fitted < components:
+        log.warning("%d training codes support at most %d mixture components (one per %d codes): fitting %d, "
+                    "not %d", len(train_uint8), fitted, CODES_PER_COMPONENT, fitted, components)
+    components = fitted
     log.info("fitting a %d-component Gaussian mixture to %d training codes", components, len(train_uint8))
     prior = fit_gmm(encode_means(model, train_uint8).double().numpy(), components, seed)
-    return {"kind": "gmm", "components": components, "seed": seed, "step": step, **prior}
+    return {"kind": "gmm", "components": components, "codes": len(train_uint8), "seed": seed, "step": step,
+            **prior}
+
+
+def answers(prior: dict, components: int) -> bool:
+    """Whether a stored mixture is what asking for `components` fits now (priors stored before the cap do
+    not say how many codes they were fitted to)."""
+    codes = prior.get("codes")
+    return prior["components"] == (components if codes is None else supported_components(components, codes))
 
 
 def save_prior(run_dir, prior: dict) -> Path:

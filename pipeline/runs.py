@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
-from pipeline.prior import PRIOR_NAME, fit_gmm_prior, load_prior, save_prior
+from pipeline.prior import PRIOR_NAME, fit_gmm_prior, answers, load_prior, save_prior
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Run:
         if name not in ("default", "gmm"):
             raise PipelineError(f"prior={name!r}: use default (the run's stored prior), normal or gmm")
         stored = load_prior(self.ckpt_path.parent)
-        usable = stored is not None and (name == "default" or stored["components"] == components)
+        usable = stored is not None and (name == "default" or answers(stored, components))
         if usable and (stored["step"] == self.ckpt["step"] or not self.has_split("train")):
             if stored["step"] != self.ckpt["step"]:
                 log.warning("%s was fitted at step %d, the checkpoint is at step %d; the training split is not "

@@ -601,12 +601,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 def store_prior(cfg, model: VAE, train_np: np.ndarray, progress: Progress, run_dir: Path) -> None:
     """Fit the sampling prior to this checkpoint's training codes and store it beside ckpt.pt."""
-    components = min(cfg.train.prior_components, len(train_np) // 2)
-    if components < cfg.train.prior_components:
-        log.warning("%d training faces: fitting %d mixture components instead of train.prior_components=%d",
-                    len(train_np), components, cfg.train.prior_components)
-    prior = fit_gmm_prior(model, train_np, components, cfg.seed, progress.step)
-    log.info("sampling prior (%d-component mixture over the training codes) -> %s", components,
+    prior = fit_gmm_prior(model, train_np, cfg.train.prior_components, cfg.seed, progress.step)
+    log.info("sampling prior (%d-component mixture over the training codes) -> %s", prior["components"],
              save_prior(run_dir, prior))
 
 
