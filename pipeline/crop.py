@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,6 +57,7 @@ def tile_stem(source: Path, input_dir: Path) -> str:
 
 
 _worker = {}
+CHUNK = 4  # images a worker takes at a time
 
 
 def _init_worker(cascade_path: str) -> None:
@@ -95,6 +97,19 @@ def source_urls(input_dir: Path) -> dict[str, str]:
             if row.get("kind") == "image" and row.get("status") == "ok"}
 
 
+@contextmanager
+def mapper(workers: int, cascade_path: Path):
+    """map() over the images: a pool of `workers` processes, or this process for one chunk of images or
+    fewer (starting a pool costs seconds)."""
+    if workers <= 1:
+        _worker["cascade"] = load_cascade(cascade_path)
+        yield map
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                             initializer=_init_worker, initargs=(str(cascade_path),)) as pool:
+        yield partial(pool.map, chunksize=CHUNK)
+
+
 def crop(cfg: DictConfig) -> dict:
     cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True))  # cheap to send to workers
     input_dir, output_dir = Path(cfg.input_dir), Path(cfg.output_dir)
@@ -110,16 +125,15 @@ def crop(cfg: DictConfig) -> dict:
     todo = [p for p in find_images(input_dir)
             if (p.relative_to(input_dir).as_posix(), file_size(p)) not in done]
     urls = source_urls(input_dir)
-    workers = cfg.workers or os.cpu_count()
+    workers = min(cfg.workers or os.cpu_count(), -(-len(todo) // CHUNK))
     log.info("cropping %d new images from %s (%d done before) with %d processes",
-             len(todo), input_dir, len(done), workers)
+             len(todo), input_dir, len(done), max(1, workers))
     totals = {"images": 0, "faces": 0, "skipped": 0}
     with JsonlLog(output_dir / "manifest.jsonl") as manifest, \
             JsonlLog(output_dir / "sources.jsonl") as sources, \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                initializer=_init_worker, initargs=(str(cascade_path),)) as pool:
+            mapper(workers, cascade_path) as mapped:
         job = partial(crop_one, cfg=cfg, input_dir=input_dir, output_dir=output_dir)
-        for row in tqdm(pool.map(job, todo, chunksize=4), total=len(todo), desc="crop", unit="img"):
+        for row in tqdm(mapped(job, todo), total=len(todo), desc="crop", unit="img"):
             for tile in row.pop("tiles"):
                 manifest.append({**tile, "source": row["source"], "url": urls.get(row["source"])})
             sources.append(row)
