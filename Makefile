@@ -4,9 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: all install test data train sample eval explore sweep bench clean
+.PHONY: all help install test test-fast data train sample eval explore sweep bench clean
 
 all: data train eval sample
+
+help:
+	@echo "make all        the whole job: data, train, eval, sample"
+	@echo "make test       the whole test suite (what CI runs; under 10 minutes on 2 cores)"
+	@echo "make test-fast  everything but the tests marked slow: the edit-test loop (under 2 minutes)"
+	@echo "make data | train | eval | sample | explore | sweep | bench   one stage (ARGS=\"key=value ...\")"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +23,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 data: install
 	$(PY) -m pipeline.data $(ARGS)

@@ -1,15 +1,19 @@
 """Fixtures shared by the test modules.
 
 Real data comes through tests/realdata.py (../shared, else pinned upstream files, else a skip);
-`tiny_data` is synthetic and available everywhere.
+`tiny_data` is synthetic and available everywhere, and `tiny_runs` are two tiny models trained on it once
+per test session, which the sampling, evaluation and explorer tests share without changing them
+(`runs_copy` gives a test a copy it may write into).
 """
+import shutil
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from pipeline.pack import pack
 from tests import realdata
-from tests.helpers import ROOT, synthetic_faces
+from tests.helpers import ROOT, run_module, synthetic_faces, train_args, upstream_face_counts
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +24,12 @@ def cascade():
 @pytest.fixture(scope="session")
 def illustrations():
     return realdata.root_for("illustrations") / "data" / "illustrations"
+
+
+@pytest.fixture(scope="session")
+def upstream_faces(illustrations, cascade):
+    """{illustration: faces the plain upstream example finds in it}, counted once per session."""
+    return upstream_face_counts(illustrations, cascade)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +71,18 @@ def tiny_data(tmp_path_factory):
     np.save(root / "train.npy", faces[:400])
     np.save(root / "test.npy", faces[400:])
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_data, tmp_path_factory):
+    """An outputs/ folder holding two tiny runs on `tiny_data`: obs_std 0.3, then 0.1 (the newest). Read only."""
+    out = tmp_path_factory.mktemp("tiny_runs")
+    for obs_std in (0.3, 0.1):
+        run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=15", f"obs_std={obs_std}"))
+    return out
+
+
+@pytest.fixture
+def runs_copy(tiny_runs, tmp_path):
+    """A copy of `tiny_runs` that a test may write into (samples beside the checkpoint, caches, metrics)."""
+    return shutil.copytree(tiny_runs, tmp_path / "outputs")

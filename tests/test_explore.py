@@ -1,5 +1,5 @@
 """`python -m pipeline.explore`: its API on two tiny trained runs, its bad inputs, and the page in a real
-headless Chromium (Debian's package, driven by Playwright)."""
+headless Chromium (Debian's package, driven by Playwright; marked slow, as is a second server process)."""
 import base64
 import io
 import os
@@ -19,9 +19,7 @@ from pipeline.explore import LoadedRun, BadRequest
 from pipeline.faces import face_tiles, load_cascade
 from pipeline.images import load_image
 from tests import realdata
-from tests.helpers import ROOT, run_module, train_args
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT, run_module
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 NO_BROWSER = ("needs headless Chromium driven by Playwright: `apt-get install chromium` (Debian's package) and "
@@ -29,12 +27,10 @@ NO_BROWSER = ("needs headless Chromium driven by Playwright: `apt-get install ch
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
-    """Two tiny runs: obs_std 0.3, then 0.1 (the newest)."""
-    out = tmp_path_factory.mktemp("outputs")
-    for obs_std in (0.3, 0.1):
-        run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=15", f"obs_std={obs_std}"))
-    return out
+def runs(tiny_runs, tmp_path_factory):
+    """The session's two tiny runs (obs_std 0.3, then 0.1: the newest), copied: the explorer stores
+    directions.pt beside each checkpoint."""
+    return shutil.copytree(tiny_runs, tmp_path_factory.mktemp("explore") / "outputs")
 
 
 def local_cascade() -> str:
@@ -211,6 +207,7 @@ def test_a_busy_port_is_one_clear_line(runs):
     assert proc.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_another_host_warns_that_the_page_is_shared(runs):
     proc, url, log = start(runs, "explore.host=0.0.0.0")
     try:
@@ -253,6 +250,7 @@ def image_src(page, selector):
     return page.eval_on_selector(selector, "img => img.src")
 
 
+@pytest.mark.slow
 def test_page_resamples_steers_interpolates_and_compares(page, tmp_path):
     assert page.locator("#grid img").count() == 64
     before = image_src(page, "#grid figure:first-child img")
@@ -278,6 +276,7 @@ def test_page_resamples_steers_interpolates_and_compares(page, tmp_path):
     page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
 
+@pytest.mark.slow
 def test_page_encodes_an_uploaded_picture_and_shows_bad_uploads(page, cascade, illustrations, tmp_path):
     with_face = first_illustration_with_a_face(illustrations, cascade)
     page.set_input_files("#upload", str(with_face))

@@ -19,6 +19,7 @@ def pack_cfg(tmp_path, faces_dir, **overrides):
                                   "test_file": str(tmp_path / "test.npy")}, overrides)
 
 
+@pytest.mark.slow
 def test_shared_face_dataset_packs_into_its_unique_faces(tmp_path, faces_full):
     summary = pack(pack_cfg(tmp_path, faces_full))
     assert summary["files"] == 19992 and summary["exact_duplicates"] == 4096 and summary["unique"] == 15896

@@ -1,4 +1,5 @@
-"""Sampling sheets, their error paths, and the evaluation numbers, on a model trained for a few steps."""
+"""Sampling sheets, their error paths, and the evaluation numbers, on tiny models trained for a few steps
+(conftest.py: `tiny_runs`, trained once per session; `runs_copy` where a test writes beside a checkpoint)."""
 import json
 import shutil
 
@@ -8,60 +9,53 @@ import torch
 from PIL import Image
 
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
-from tests.helpers import run_module, train_args
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=30"))
-    return out
+from pipeline.model import VAE
+from pipeline.prior import answers, fit_gmm_prior, supported_components
+from tests.helpers import run_module, run_process, synthetic_faces, train_args
 
 
 def sample(out, *args, check=True):
     return run_module("pipeline.sample", f"paths.output_dir={out}", "device=cpu", *args, check=check)
 
 
-def test_sampling_by_obs_std_is_deterministic_for_a_seed(trained, tmp_path):
-    first = sample(trained, "+obs_std=0.1", f"out={tmp_path}/a.png")
+def test_sampling_by_obs_std_is_deterministic_for_a_seed(tiny_runs, tmp_path):
+    first = sample(tiny_runs, "+obs_std=0.1", f"out={tmp_path}/a.png")
     assert first.stdout.strip().splitlines()[-1] == f"{tmp_path}/a.png"
-    sample(trained, "+obs_std=0.1", f"out={tmp_path}/b.png")
-    sample(trained, "+obs_std=0.1", "seed=1", f"out={tmp_path}/c.png")
+    sample(tiny_runs, "+obs_std=0.1", f"out={tmp_path}/b.png")
+    sample(tiny_runs, "+obs_std=0.1", "seed=1", f"out={tmp_path}/c.png")
     a, b, c = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in "abc")
     assert a.shape == (8 * 66 + 2, 8 * 66 + 2, 3)  # 64 tiles of 64 px, 8 per row, 2 px padding
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_default_output_names_say_what_was_drawn(trained):
-    path = sample(trained, "noise=true", "n=16").stdout.strip().splitlines()[-1]
+def test_default_output_names_say_what_was_drawn(runs_copy):
+    path = sample(runs_copy, "noise=true", "n=16").stdout.strip().splitlines()[-1]
     assert path.endswith("samples_gmm_noisy_seed0.png") and Image.open(path).size == (8 * 66 + 2, 2 * 66 + 2)
-    path = sample(trained, "prior=normal", "n=8").stdout.strip().splitlines()[-1]
+    path = sample(runs_copy, "prior=normal", "n=8").stdout.strip().splitlines()[-1]
     assert path.endswith("samples_normal_means_seed0.png")
     for sheet in ("recon", "interp"):
-        path = sample(trained, f"sheet={sheet}", "n=16").stdout.strip().splitlines()[-1]
+        path = sample(runs_copy, f"sheet={sheet}", "n=16").stdout.strip().splitlines()[-1]
         assert path.endswith(f"{sheet}_seed0.png") and Image.open(path).size == (8 * 66 + 2, 66 * (4 if sheet == "recon" else 2) + 2)
-    path = sample(trained, "prior=gmm", "gmm_components=3", "n=8").stdout.strip().splitlines()[-1]
+    path = sample(runs_copy, "prior=gmm", "gmm_components=3", "n=8").stdout.strip().splitlines()[-1]
     assert path.endswith("samples_gmm_means_seed0.png")
-    assert list(trained.rglob("gmm_k3_*.pt"))  # not the stored 4-component prior: fitted and cached
-    path = sample(trained, "sheet=obs_std").stdout.strip().splitlines()[-1]
-    assert Image.open(path).height == 66 + 2  # one trained obs_std: one row
+    assert list(runs_copy.rglob("gmm_k3_*.pt"))  # not the stored 4-component prior: fitted and cached
+    path = sample(runs_copy, "sheet=obs_std").stdout.strip().splitlines()[-1]
+    assert Image.open(path).height == 2 * 66 + 2  # two runs_copy obs_std values: two rows
 
 
-def test_missing_obs_std_lists_what_exists_and_how_to_train_it(trained):
-    proc = sample(trained, "+obs_std=0.3", check=False)
+def test_missing_obs_std_lists_what_exists_and_how_to_train_it(tiny_runs):
+    proc = sample(tiny_runs, "+obs_std=0.05", check=False)
     assert proc.returncode == 2
-    assert "obs_std=0.3" in proc.stderr and "trained obs_std values: 0.1" in proc.stderr
-    assert 'make train ARGS="obs_std=0.3"' in proc.stderr
+    assert "obs_std=0.05" in proc.stderr and "trained obs_std values: 0.1, 0.3" in proc.stderr
+    assert 'make train ARGS="obs_std=0.05"' in proc.stderr
 
 
-def test_corrupt_and_foreign_checkpoints_are_clear_errors(trained, tmp_path):
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(tiny_runs, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"\x80\x04 not a checkpoint")
-    proc = sample(trained, f"ckpt={tmp_path}/broken.pt", check=False)
+    proc = sample(tiny_runs, f"ckpt={tmp_path}/broken.pt", check=False)
     assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    proc = sample(trained, f"ckpt={tmp_path}/foreign.pt", check=False)
+    proc = sample(tiny_runs, f"ckpt={tmp_path}/foreign.pt", check=False)
     assert proc.returncode == 2 and "not an animeface-vae checkpoint" in proc.stderr
     proc = sample(tmp_path / "empty", check=False)
     assert proc.returncode == 2 and "no trained run" in proc.stderr
@@ -72,6 +66,7 @@ def inception():
     return InceptionFeatures("cpu")
 
 
+@pytest.mark.slow
 def test_fid_is_about_zero_for_a_set_against_itself_and_large_against_noise(small_data, inception):
     real = np.load(small_data / "test.npy")[:24]
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
@@ -91,14 +86,15 @@ def test_sharpness_and_nearest_neighbours():
     assert index.tolist() == [2, 0] and dist.max() == 0
 
 
-def test_evaluate_writes_metrics_json_with_every_number(trained, tiny_data, tmp_path):
+@pytest.mark.slow
+def test_evaluate_writes_metrics_json_with_every_number(runs_copy, tiny_data, tmp_path):
     reference = tmp_path / "other_faces"  # a second set of faces: 64 px tiles and one larger picture
     reference.mkdir()
     faces = np.load(tiny_data / "test.npy")[:5].transpose(0, 2, 3, 1)
     for k, face in enumerate(faces):
         Image.fromarray(face).save(reference / f"{k}.png")
     Image.fromarray(faces[0]).resize((100, 100)).save(reference / "big.jpg")
-    proc = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "device=cpu", "+obs_std=0.1", "n=12",
+    proc = run_module("pipeline.evaluate", f"paths.output_dir={runs_copy}", "device=cpu", "+obs_std=0.1", "n=12",
                       "gmm_components=4", "nearest_n=12", "sheet_n=4", f"reference={reference}")
     path = proc.stdout.strip().splitlines()[-1]
     metrics = json.loads(open(path).read())
@@ -112,8 +108,8 @@ def test_evaluate_writes_metrics_json_with_every_number(trained, tiny_data, tmp_
     assert "| 0.1 |" in proc.stdout and f"({metrics['reference']['floor_train_vs_reference']['fid']:.1f}) |" \
         in proc.stdout
     assert metrics["fid_reliable"] is False and "n=12: an FID from fewer than 2000 samples" in proc.stdout
-    report = run_module("pipeline.evaluate", f"paths.output_dir={trained}", "report=true")
-    assert report.stdout.count("| 0.1 |") == 2
+    report = run_module("pipeline.evaluate", f"paths.output_dir={runs_copy}", "report=true")
+    assert report.stdout.count("| 0.1 |") == 2 and "| 0.3 |" not in report.stdout  # only the evaluated run
 
 
 def test_a_multirun_sweep_over_obs_std_gives_one_sheet_row_per_value(tiny_data, tmp_path):
@@ -152,15 +148,28 @@ def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp
     sample(tmp_path / "out", "+obs_std=0.1", "sheet=obs_std")
     proc = sample(tmp_path / "out", "sheet=recon", check=False)
     assert proc.returncode == 2 and f"test split not found at {data}/test.npy" in proc.stderr
-    proc = sample(tmp_path / "out", "prior=gmm", "gmm_components=5", check=False)
+    proc = sample(tmp_path / "out", "prior=gmm", "gmm_components=3", check=False)
     assert proc.returncode == 2 and f"({data}/train.npy) is not there" in proc.stderr
+    # asking for more than 400 codes support is answered by the stored 4-component mixture, without the data
+    assert "prior: gmm" in sample(tmp_path / "out", "prior=gmm", "gmm_components=100").stdout
 
     (run_dir / "prior.pt").unlink()  # a run trained before priors were stored
     proc = sample(tmp_path / "out", check=False)
     assert proc.returncode == 2 and "prior=normal" in proc.stderr
     shutil.move(tmp_path / "moved", data)
-    sample(tmp_path / "out", "gmm_components=6")  # fitted on first use, then stored
-    assert torch.load(run_dir / "prior.pt", weights_only=True)["components"] == 6
+    sample(tmp_path / "out", "gmm_components=3")  # fitted on first use, then stored
+    assert torch.load(run_dir / "prior.pt", weights_only=True)["components"] == 3
+
+
+def test_the_mixture_gets_at_most_one_component_per_hundred_training_codes(caplog):
+    assert supported_components(100, 14992) == 100  # the default data: the default 100 components, unchanged
+    assert supported_components(100, 400) == 4 and supported_components(3, 400) == 3
+    assert supported_components(100, 99) == 1
+    model = VAE(width=8, depth=4, latent_dim=8, decoder_width=8)
+    prior = fit_gmm_prior(model, synthetic_faces(400), 100, seed=0, step=7)
+    assert prior["components"] == len(prior["weights"]) == 4 and prior["codes"] == 400
+    assert "400 training codes support at most 4 mixture components" in caplog.text
+    assert answers(prior, 100) and answers(prior, 4) and not answers(prior, 3)
 
 
 @pytest.mark.parametrize("module, args, message", [
@@ -174,16 +183,26 @@ def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp
     ("pipeline.evaluate", ["priors=default"], "priors='default' is not a list"),
     ("pipeline.evaluate", ["reference=/no/such/faces"], "reference=/no/such/faces is neither a folder of face"),
 ])
-def test_bad_sample_and_evaluate_values_are_one_line_errors(trained, module, args, message):
-    before = sorted(p for p in trained.rglob("*") if p.is_file())
-    proc = run_module(module, f"paths.output_dir={trained}", "device=cpu", *args, check=False)
+def test_bad_sample_and_evaluate_values_are_one_line_errors(tiny_runs, module, args, message):
+    before = sorted(p for p in tiny_runs.rglob("*") if p.is_file())
+    proc = run_module(module, f"paths.output_dir={tiny_runs}", "device=cpu", *args, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
-    assert sorted(p for p in trained.rglob("*") if p.is_file()) == before  # nothing left behind, not even a log
+    assert sorted(p for p in tiny_runs.rglob("*") if p.is_file()) == before  # nothing left behind, not even a log
 
 
-def test_out_may_name_a_folder_or_a_file(trained, tmp_path):
-    assert sample(trained, f"out={tmp_path}", "n=4").stdout.strip().splitlines()[-1] == \
+@pytest.mark.slow
+@pytest.mark.parametrize("module, arg, message", [("pipeline.sample", "n=0", "n=0 is out of range"),
+                                                  ("pipeline.evaluate", "n=0", "n=0: use auto")])
+def test_a_bad_value_is_one_line_from_a_process_of_its_own(tiny_runs, module, arg, message):
+    """The same contract as above, seen from outside: exit status 2 and nothing on stderr but that line."""
+    proc = run_process(module, f"paths.output_dir={tiny_runs}", "device=cpu", arg, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"]
+    assert message in proc.stderr
+
+
+def test_out_may_name_a_folder_or_a_file(tiny_runs, tmp_path):
+    assert sample(tiny_runs, f"out={tmp_path}", "n=4").stdout.strip().splitlines()[-1] == \
         str(tmp_path / "samples_gmm_means_seed0.png")
     assert (tmp_path / "samples_gmm_means_seed0.png").is_file()
     (tmp_path / "blocker").write_text("a file where a folder should be")

@@ -15,9 +15,7 @@ from omegaconf import OmegaConf
 
 from pipeline.runs import load_checkpoint
 from pipeline.train import kl_weight
-from tests.helpers import ROOT, run_module, train_args
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT, run_module, run_process, train_args
 
 
 def only_run(out_dir):
@@ -26,6 +24,7 @@ def only_run(out_dir):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_short_training_improves_the_test_elbo_and_writes_its_outputs(small_data, tmp_path):
     run_module("pipeline.train", *train_args(small_data, tmp_path, "train.epochs=4", "train.lr=3e-3"))
     run = only_run(tmp_path)
@@ -65,6 +64,7 @@ def start_training(args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
 def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path, ema):
     common = ["train.max_steps=80", "train.ckpt_every=5", ema]
@@ -98,6 +98,7 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
         assert torch.allclose(value.float(), resumed[name].float(), rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path):
     proc = start_training(train_args(tiny_data, tmp_path, "train.max_steps=100000", "train.ckpt_every=100000"))
     metrics = None
@@ -115,6 +116,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path):
     assert "resume with" in err
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -147,6 +149,14 @@ def test_bad_input_fails_fast_with_one_line_and_no_run_folder(tiny_data, tmp_pat
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip().removeprefix('error: ')}"]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "train").exists()  # no empty run folder left behind
+
+
+@pytest.mark.slow
+def test_a_bad_value_is_one_line_from_a_process_of_its_own(tiny_data, tmp_path):
+    """The contract above seen from outside: exit status 2, that one line alone on stderr, no run folder."""
+    proc = run_process("pipeline.train", *train_args(tiny_data, tmp_path), "train.batch_size=0", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"]
+    assert "train.batch_size=0 is out of range" in proc.stderr and not (tmp_path / "train").exists()
 
 
 @pytest.mark.parametrize("content", ["object", "truncated", "garbage"])
@@ -204,6 +214,7 @@ def test_the_preset_is_chosen_from_the_device_unless_given(tiny_data, tmp_path):
     assert config.model.width == 16 and config.train.batch_size == 32  # the command line still wins
 
 
+@pytest.mark.slow
 def test_runs_started_at_once_get_their_own_folders(tiny_data, tmp_path):
     procs = [start_training(train_args(tiny_data, tmp_path, "train.max_steps=3", f"seed={k}")) for k in range(3)]
     for proc in procs:
