@@ -36,6 +36,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pipeline.config import Paths, checked, key
+from pipeline.cpu import FreeCores, allowed_cores
 from pipeline.errors import PipelineError, exit_on_error, hydra_output_dir, remove_if_no_results
 from pipeline.images import to_float
 from pipeline.io import JsonlLog, atomic_write
@@ -111,6 +112,7 @@ class Proc:
     world: int
     device: torch.device
     bf16: bool = False
+    free_cores: FreeCores | None = None  # on a CPU without train.num_threads: threads follow the free cores
 
     @property
     def main(self) -> bool:
@@ -155,12 +157,15 @@ def check_objective(cfg) -> None:
 
 
 def setup_processes(cfg) -> Proc:
-    """The device, CPU threads and (under torchrun) the process group: NCCL on CUDA, gloo elsewhere."""
+    """The device, CPU threads (train.num_threads, else the cores other processes leave free, followed as
+    the load changes) and (under torchrun) the process group: NCCL on CUDA, gloo elsewhere."""
     rank, world, local_rank = dist_env()
     device = pick_device(str(cfg.device), local_rank)
-    if device.type == "cpu":
-        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local_procs))
+    free_cores = None
+    if device.type == "cpu" and cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    elif device.type == "cpu":  # the cores other processes leave free, followed as the load changes
+        free_cores = FreeCores(max(1, len(allowed_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -171,7 +176,7 @@ def setup_processes(cfg) -> Proc:
         if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
             log.warning("train.amp=true on a CPU without AMX or AVX512-BF16: bf16 is emulated there "
                         "(11 vs 210-235 img/s fp32 measured on such a CPU); use train.amp=auto")
-    return Proc(rank, world, device, bf16)
+    return Proc(rank, world, device, bf16, free_cores)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -535,6 +540,8 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
         meter.add(progress.step, loss, nll, kl)
         progress.step += 1
         bar.update()
+        if proc.free_cores:
+            proc.free_cores.update()
 
         # metrics every log_every steps; test ELBO and grids every eval_every epochs and at the end
         step, last = progress.step, progress.step == total_steps
