@@ -1,6 +1,7 @@
 """Training images/s alone and beside a competing CPU-bound process, for each way of using the CPU's threads.
 
-    .venv/bin/python bench/cpu_sharing.py [--images 2400] [--rounds 2] [--competitor inception|train]
+    .venv/bin/python bench/cpu_sharing.py [--images 2400] [--rounds 2] [--competitor inception|train|none]
+    .venv/bin/python bench/cpu_sharing.py --overhead    # FreeCores.update()'s cost alone, in one process
 
 A side is a training of the default model (bench/out/data, packed by bench/quality.py) for --images
 images; its rate is the last metrics row's img/s (the last quarter), so start-up is left out. Each side
@@ -82,6 +83,39 @@ def rate(side: str, images: int, beside: str | None) -> float:
     return float(rows[-1]["img_per_s"])
 
 
+def update_overhead(blocks: int, steps: int) -> None:
+    """The default model's training step (bf16 where the CPU has it, as train.amp=auto) in one process, blocks
+    of `steps` steps alternating with and without FreeCores.update() after each step: what following the
+    load costs when nothing else runs, free of the noise between processes."""
+    import torch
+    from omegaconf import OmegaConf
+    from pipeline.cpu import FreeCores, allowed_cores
+    from pipeline.model import VAE, negative_elbo
+    from pipeline.train import cpu_has_native_bf16
+    model = VAE(**OmegaConf.load(ROOT / "conf/model/default.yaml")).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.rand(32, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    free, times = FreeCores(len(allowed_cores())), {True: [], False: []}
+    for block in range(2 * blocks + 1):
+        following = block % 2 == 1
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
+                out, mu, logvar = model(x)
+            loss = negative_elbo(x, out, mu, logvar)[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if following:
+                free.update()
+        if block:  # the first block warms up
+            times[following].append(steps * 32 / (time.perf_counter() - start))
+    for following in (False, True):
+        print(f"{'with' if following else 'without'} FreeCores.update(): median {statistics.median(times[following]):.0f} "
+              f"img/s over {blocks} blocks of {steps} steps ({', '.join(f'{r:.0f}' for r in times[following])}); "
+              f"threads at the end: {free.threads}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2400)
@@ -89,7 +123,10 @@ def main():
     parser.add_argument("--competitor", choices=("inception", "train", "none"), default="inception",
                         help="none: the sides alone only (more rounds for the same time)")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
+    parser.add_argument("--overhead", action="store_true", help="only the in-process A/B of FreeCores.update()")
     opts = parser.parse_args()
+    if opts.overhead:
+        return update_overhead(blocks=8, steps=25)
     if not (DATA / "train.npy").exists():
         sys.exit(f"{DATA / 'train.npy'} not found: run bench/quality.py once (it packs the shared faces there)")
     places = [("alone", None)] + ([("beside", opts.competitor)] if opts.competitor != "none" else [])

@@ -303,6 +303,11 @@ async def json_body(request: Request) -> dict:
     return body
 
 
+# how far a slider may move a code, in standard deviations of the codes: far past the page's +-3, short of
+# overflowing float32 (an offset of 1e308 made the decoder's input infinite and the request fail)
+MAX_OFFSET = 1000
+
+
 def number(body: dict, name: str, kind, low, high, default):
     try:
         value = kind(body.get(name, default))
@@ -351,8 +356,10 @@ async def steer_route(explorer: Explorer, request: Request):
     loaded = explorer.get(body.get("run", "0"))
     z = codes_from(body.get("z"), loaded.latent_dim)
     offsets = body.get("offsets", [])
-    if not isinstance(offsets, list) or not all(isinstance(v, (int, float)) for v in offsets):
-        raise BadRequest("offsets must be a list of numbers (one per slider)")
+    if not isinstance(offsets, list) or not all(isinstance(v, (int, float)) and abs(v) <= MAX_OFFSET
+                                                for v in offsets):
+        raise BadRequest(f"offsets must be a list of numbers from -{MAX_OFFSET} to {MAX_OFFSET} (standard "
+                         "deviations along each slider's direction; the sliders go from -3 to 3)")
     moved = loaded.steered(z, offsets)
     return {"code": moved[0].tolist(), "images": await run_in_threadpool(loaded.images, moved)}
 

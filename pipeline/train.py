@@ -434,8 +434,7 @@ class Stop:
         if proc.world == 1:
             return self.signum  # no device tensor: reading one back would wait for the GPU every step
         signum = torch.tensor(self.signum, device=proc.device)
-        if proc.world > 1:
-            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
         return int(signum)
 
 

@@ -139,6 +139,8 @@ def test_interpolation_nearest_faces_and_obs_std_side_by_side(server):
 
 def test_bad_requests_get_a_message_not_a_traceback(server):
     checks = [(post(server, "steer", z=[1, 2], offsets=[]), 400, "32 finite numbers"),
+              (post(server, "steer", z=[0] * 32, offsets=[1e308]), 400, "offsets must be a list of numbers from"),
+              (post(server, "steer", z=[0] * 32, offsets=["up"]), 400, "offsets must be a list of numbers from"),
               (post(server, "sample", run="9"), 404, "run='9' is not one of"),
               (post(server, "sample", temperature="hot"), 400, "temperature must be a number"),
               (post(server, "sample", n=100000), 400, "out of range"),
