@@ -67,7 +67,7 @@ def start_training(args):
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
 def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path, ema):
-    common = ["train.max_steps=80", "train.ckpt_every=5", ema]
+    common = ["train.max_steps=80", "train.ckpt_every=5", "train.num_threads=2", ema]  # one thread count throughout
     run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common))
     straight_ckpt = load_checkpoint(only_run(tmp_path / "straight") / "ckpt.pt")
     straight = {**straight_ckpt["model"], **{f"ema.{k}": v for k, v in straight_ckpt.get("ema", {}).items()}}
