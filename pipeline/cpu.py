@@ -55,12 +55,14 @@ class FreeCores:
         return time.monotonic(), busy_cpu_seconds(self.cores), own_cpu_seconds()
 
     def update(self) -> None:
-        if self.last is None or self.last[1] is None:
+        if self.last is None:
             self.last = self.reading()
             return
-        if time.monotonic() - self.last[0] < CHECK_EVERY_S:
-            return
+        if self.last[1] is None or time.monotonic() - self.last[0] < CHECK_EVERY_S:
+            return  # without /proc/stat the count stays as it started
         now = self.reading()
+        if now[1] is None:
+            return
         others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / (now[0] - self.last[0])
         self.last = now
         threads = max(1, min(self.most, int(len(self.cores) - others + 0.5)))
