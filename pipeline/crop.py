@@ -5,6 +5,7 @@ Sources already handled (listed in sources.jsonl) are skipped on a rerun.
 """
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -125,7 +126,7 @@ def crop(cfg: DictConfig) -> dict:
     todo = [p for p in find_images(input_dir)
             if (p.relative_to(input_dir).as_posix(), file_size(p)) not in done]
     urls = source_urls(input_dir)
-    workers = min(cfg.workers or os.cpu_count(), -(-len(todo) // CHUNK))
+    workers = min(cfg.workers or os.cpu_count(), math.ceil(len(todo) / CHUNK))
     log.info("cropping %d new images from %s (%d done before) with %d processes",
              len(todo), input_dir, len(done), max(1, workers))
     totals = {"images": 0, "faces": 0, "skipped": 0}

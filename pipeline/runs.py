@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
-from pipeline.prior import PRIOR_NAME, fit_gmm_prior, answers, load_prior, save_prior
+from pipeline.prior import PRIOR_NAME, answers, fit_gmm_prior, load_prior, save_prior
 
 log = logging.getLogger(__name__)
 

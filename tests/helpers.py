@@ -46,8 +46,9 @@ def run_module(module: str, *overrides: str, check: bool = True) -> subprocess.C
 @contextlib.contextmanager
 def like_a_new_process(argv: list[str]):
     """What a command would start from in a process of its own: `argv`, the project root as working folder,
-    its own run id, HYDRA_FULL_ERROR=0; afterwards the argv, folder, environment and signal handlers (a training
-    installs SIGINT / SIGTERM ones) are put back, and Hydra is ready for the next command."""
+    its own run id, HYDRA_FULL_ERROR=0; afterwards the argv, folder, environment, root logger (Hydra adds its
+    console and log-file handlers) and signal handlers (a training installs SIGINT / SIGTERM ones) are put
+    back, and Hydra is ready for the next command."""
     saved_argv, cwd, env = sys.argv, os.getcwd(), dict(os.environ)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     root = logging.getLogger()
@@ -62,7 +63,6 @@ def like_a_new_process(argv: list[str]):
             yield
     finally:
         for handler in set(root.handlers) - set(log_handlers):  # Hydra's log file and console of that command
-            root.removeHandler(handler)
             handler.close()
         root.handlers[:] = log_handlers
         root.setLevel(log_level)
