@@ -47,7 +47,7 @@ SWEEP ?= 0.03,0.1,0.3
 
 sweep: install
 	$(PY) -m pipeline.train --multirun obs_std=$(SWEEP) $(ARGS)
-	$(PY) -m pipeline.sample sheet=obs_std
+	$(PY) -m pipeline.sample sheet=obs_std decoder=elbo
 	$(PY) -m pipeline.evaluate --multirun +obs_std=$(SWEEP)
 	$(PY) -m pipeline.evaluate report=true
 

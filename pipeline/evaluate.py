@@ -3,12 +3,15 @@
     python -m pipeline.evaluate +obs_std=0.1            # newest obs_std=0.1 run
     python -m pipeline.evaluate report=true             # table of every evaluated run
 
-For each prior: FID and KID of n samples against the test split (and the same for real training
-faces: the floor), sharpness of samples relative to real faces, and a memorisation check (distance
-of samples to their nearest training face vs the same for test faces). Also the test ELBO.
+For each decoder the run has (the exact-ELBO one, and the sharp one when it was trained) and each prior:
+FID and KID of n samples against the test split (and the same for real training faces: the floor),
+sharpness of samples relative to real faces, and a memorisation check (distance of samples to their
+nearest training face vs the same for test faces, and the share of near-copies: samples closer to a
+training face than 99% of test faces are). Also the test ELBO (the VAE's: the ELBO decoder's).
 With reference=FOLDER, FID and KID also against a second, out-of-source set of real faces (e.g.
 `pipeline.crop`'s tiles of other pictures), so a gain that only fits the test split shows.
-Writes metrics.json and nearest_<prior>.png beside the checkpoint and prints a table.
+Writes metrics.json ("priors": the ELBO decoder's rows, "sharp_priors": the sharp decoder's) and
+nearest_<prior>[_sharp].png beside the checkpoint and prints a table.
 """
 import hashlib
 import json
@@ -49,6 +52,7 @@ class EvaluateJob:
     ckpt: str | None = key()
     n: Any = key()  # auto or a whole number >= 2 (checked by sample_count)
     priors: list[str] = key(low=1)
+    decoders: list[str] = key(low=1)
     gmm_components: int = key(low=1)
     seed: int = key(low=0)
     batch_size: int = key(low=1)
@@ -112,8 +116,12 @@ def reference_tile(file: Path, size: int) -> np.ndarray:
     return rgb
 
 
+DECODER_RESULTS = {"elbo": "priors", "sharp": "sharp_priors"}
+
+
 def evaluate(cfg: DictConfig) -> dict:
     run = open_run(cfg)
+    decoders = checked_decoders(cfg.decoders, run)
     device = run.device
     n = sample_count(cfg.n, device)
     train, test = run.split("train"), run.split("test")
@@ -121,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict:
     extractor = InceptionFeatures(device)
     cache_dir = Path(cfg.paths.output_dir) / "fid_cache"
     rng = np.random.default_rng(cfg.seed)
-    real_test = cached_features(extractor, test, cache_dir, cfg.batch_size)
+    real = {"test": cached_features(extractor, test, cache_dir, cfg.batch_size)}
     floor_pick = np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
     real_train = cached_features(extractor, train[floor_pick], cache_dir, cfg.batch_size)
     check = np.sort(rng.choice(len(test), min(cfg.nearest_n, len(test)), replace=False))
@@ -129,34 +137,21 @@ def evaluate(cfg: DictConfig) -> dict:
     results = {
         "ckpt": str(run.ckpt_path), "step": run.ckpt["step"], "obs_std": run.obs_std, "n": n,
         "n_test": len(test), "device": str(device), "fid_reliable": n >= FID_MIN_SAMPLES,
-        **evaluate_elbo(run.model, torch.as_tensor(test).to(device), run.likelihood, run.obs_std),
-        "floor_train_vs_test": fid_kid(real_test, real_train),
+        **evaluate_elbo(run.elbo_model, torch.as_tensor(test).to(device), run.likelihood, run.obs_std),
+        "floor_train_vs_test": fid_kid(real["test"], real_train),
         "real_sharpness": sharpness(test), "test_to_train_rms_median": float(np.median(test_to_train)),
-        "priors": {},
+        "near_copy_rms": float(np.percentile(test_to_train, 1)),
     }
     if reference is not None:
-        real_reference = cached_features(extractor, reference, cache_dir, cfg.batch_size)
+        real["reference"] = cached_features(extractor, reference, cache_dir, cfg.batch_size)
         results["reference"] = {"path": str(cfg.reference), "n": len(reference),
-                                "floor_train_vs_reference": fid_kid(real_reference, real_train)}
-    for asked in cfg.priors:
-        prior, prior_name = run.prior(asked, cfg.gmm_components, cfg.seed)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        z = sample_latents(prior, n, run.model.latent_dim, generator)
-        samples = to_uint8(run.decode(z)).numpy()
-        with tqdm(total=n, desc=f"inception ({prior_name} samples)", unit="img") as progress:
-            fake = features(extractor, samples, cfg.batch_size, progress)
-        index, dist = nearest(samples[: cfg.nearest_n], train)
-        results["priors"][prior_name] = {
-            **fid_kid(real_test, fake),
-            "sharpness_ratio": sharpness(samples) / results["real_sharpness"],
-            "sample_to_train_rms_median": float(np.median(dist)),
-            "memorisation_ratio": float(np.median(dist) / results["test_to_train_rms_median"]),
-        }
-        if reference is not None:
-            results["priors"][prior_name]["reference"] = fid_kid(real_reference, fake)
-        k = min(cfg.sheet_n, len(samples))
-        pairs = torch.stack([torch.as_tensor(samples[:k]), torch.as_tensor(train[index[:k]])], 1).flatten(0, 1)
-        save_image(to_float(pairs), run.ckpt_path.parent / f"nearest_{prior_name}.png", nrow=8)
+                                "floor_train_vs_reference": fid_kid(real["reference"], real_train)}
+    for decoder in decoders:
+        results[DECODER_RESULTS[decoder]] = {}
+        for asked in cfg.priors:
+            prior, prior_name = run.prior(asked, cfg.gmm_components, cfg.seed)
+            results[DECODER_RESULTS[decoder]][prior_name] = score_samples(
+                cfg, run, decoder, prior, prior_name, n, extractor, real, train, results)
     out = run.ckpt_path.parent / "metrics.json"
     atomic_write_bytes(out, json.dumps(results, indent=2).encode())
     print(table([results]))
@@ -164,18 +159,57 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
+def checked_decoders(asked, run) -> list[str]:
+    """decoders=[elbo, sharp]: the sharp one is skipped (with a note) for runs that have none."""
+    unknown = [d for d in asked if d not in DECODER_RESULTS]
+    if unknown:
+        raise ConfigError(f"decoders={list(asked)}: {unknown[0]!r} is not a decoder; use elbo and/or sharp")
+    if "sharp" in asked and run.sharp_model is None:
+        log.info("%s has no sharp decoder (trained with sharp.epochs=0 or before it existed): scoring the ELBO "
+                 "decoder only", run.ckpt_path)
+    return [d for d in DECODER_RESULTS if d in asked and (d == "elbo" or run.sharp_model is not None)]
+
+
+def score_samples(cfg, run, decoder: str, prior, prior_name: str, n: int, extractor, real: dict,
+                  train: np.ndarray, results: dict) -> dict:
+    """FID / KID, sharpness and memorisation of n samples from `prior` through `decoder`."""
+    model = run.sharp_model if decoder == "sharp" else run.elbo_model
+    generator = torch.Generator().manual_seed(cfg.seed)
+    z = sample_latents(prior, n, run.model.latent_dim, generator)
+    samples = to_uint8(run.decode(z, model=model)).numpy()
+    with tqdm(total=n, desc=f"inception ({prior_name} samples, {decoder} decoder)", unit="img") as progress:
+        fake = features(extractor, samples, cfg.batch_size, progress)
+    index, dist = nearest(samples[: cfg.nearest_n], train)
+    scores = {
+        **fid_kid(real["test"], fake),
+        "sharpness_ratio": sharpness(samples) / results["real_sharpness"],
+        "sample_to_train_rms_median": float(np.median(dist)),
+        "memorisation_ratio": float(np.median(dist) / results["test_to_train_rms_median"]),
+        "near_copies": float(np.mean(dist < results["near_copy_rms"])),
+    }
+    if "reference" in real:
+        scores["reference"] = fid_kid(real["reference"], fake)
+    k = min(cfg.sheet_n, len(samples))
+    pairs = torch.stack([torch.as_tensor(samples[:k]), torch.as_tensor(train[index[:k]])], 1).flatten(0, 1)
+    suffix = "_sharp" if decoder == "sharp" else ""
+    save_image(to_float(pairs), run.ckpt_path.parent / f"nearest_{prior_name}{suffix}.png", nrow=8)
+    return scores
+
+
 def table(all_results: list[dict]) -> str:
     """Markdown table; the reference columns (FID / KID x1e3, floor FID) show - for runs scored without one."""
-    lines = ["| obs_std | step | test ELBO (nats) | bits/dim | prior | FID | KID x1e3 | sharpness | memorisation | "
-             "floor FID | reference FID / KID x1e3 (floor FID) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in all_results:
-        for prior, p in r["priors"].items():
-            ref = (f"{p['reference']['fid']:.1f} / {1e3 * p['reference']['kid']:.1f} "
-                   f"({r['reference']['floor_train_vs_reference']['fid']:.1f})" if "reference" in p else "-")
-            lines.append(f"| {r['obs_std']:g} | {r['step']} | {r['test_elbo']:.1f} | {r['test_bpd']:.3f} | {prior} | "
-                         f"{p['fid']:.1f} | {1e3 * p['kid']:.1f} | {p['sharpness_ratio']:.2f} | "
-                         f"{p['memorisation_ratio']:.2f} | {r['floor_train_vs_test']['fid']:.1f} | {ref} |")
+    lines = ["| obs_std | step | test ELBO (nats) | bits/dim | decoder | prior | FID | KID x1e3 | sharpness | "
+             "memorisation | near-copies | floor FID | reference FID / KID x1e3 (floor FID) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [(r, decoder, prior, p) for r in all_results for decoder, field in DECODER_RESULTS.items()
+            for prior, p in r.get(field, {}).items()]
+    for r, decoder, prior, p in rows:
+        ref = (f"{p['reference']['fid']:.1f} / {1e3 * p['reference']['kid']:.1f} "
+               f"({r['reference']['floor_train_vs_reference']['fid']:.1f})" if "reference" in p else "-")
+        near = f"{100 * p['near_copies']:.1f}%" if "near_copies" in p else "-"
+        lines.append(f"| {r['obs_std']:g} | {r['step']} | {r['test_elbo']:.1f} | {r['test_bpd']:.3f} | {decoder} | "
+                     f"{prior} | {p['fid']:.1f} | {1e3 * p['kid']:.1f} | {p['sharpness_ratio']:.2f} | "
+                     f"{p['memorisation_ratio']:.2f} | {near} | {r['floor_train_vs_test']['fid']:.1f} | {ref} |")
     return "\n".join(lines)
 
 

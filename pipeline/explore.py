@@ -135,7 +135,7 @@ class LoadedRun:
             log.warning("%s: sampling from N(0, I) instead", err)
         self.pca = principal_directions(self.run, self.prior)
         self._train = None
-        self._strip = None
+        self._strip = {}
         self.lock = threading.Lock()
 
     def describe(self) -> dict:
@@ -143,18 +143,37 @@ class LoadedRun:
         return {"obs_std": run.obs_std, "step": run.ckpt["step"], "folder": str(run.ckpt_path.parent),
                 "prior": self.prior_name, "prior_note": self.prior_note, "latent_dim": self.latent_dim,
                 "directions_from": self.pca["source"], "nearest": run.has_split("train"),
+                "decoders": ["sharp", "elbo"] if run.sharp_model is not None else ["elbo"],
                 "nearest_note": "" if run.has_split("train") else
                 f"nearest training faces: not available, the training split "
                 f"{run.config['train']['train_file']} is not there"}
 
-    def images(self, z: torch.Tensor, noise: bool = False, seed: int = 0) -> list[str]:
-        generator = torch.Generator().manual_seed(seed)
-        return [png_data_url(image) for image in self.run.decode(z, noise, generator)]
+    def model_for(self, decoder: str | None, noise: bool = False):
+        """The decoder asked for: sharp, elbo, or (None / auto) the run's default, as pipeline.sample's."""
+        decoder = self.run.decoder_name if decoder in (None, "", "auto") else decoder
+        if decoder not in ("sharp", "elbo"):
+            raise BadRequest(f"decoder={decoder!r}: use sharp or elbo")
+        if decoder == "sharp" and self.run.sharp_model is None:
+            raise BadRequest("this run has no sharp decoder (trained with sharp.epochs=0 or before it existed): "
+                             "use the ELBO decoder")
+        if decoder == "sharp" and noise:
+            raise BadRequest("pixel noise is a draw from p(x|z), the ELBO decoder's likelihood: switch the decoder "
+                             "to ELBO, or turn the noise off")
+        return self.run.sharp_model if decoder == "sharp" else self.run.elbo_model
 
-    def sample(self, seed: int, prior: str, temperature: float, noise: bool, n: int) -> dict:
+    def images(self, z: torch.Tensor, noise: bool = False, seed: int = 0, decoder: str | None = None) -> list[str]:
+        generator = torch.Generator().manual_seed(seed)
+        model = self.model_for(decoder, noise)
+        return [png_data_url(image) for image in self.run.decode(z, noise, generator, model=model)]
+
+    def both(self, z: torch.Tensor) -> dict:
+        """The same codes through each decoder the run has, side by side."""
+        return {name: self.images(z, decoder=name) for name in self.describe()["decoders"]}
+
+    def sample(self, seed: int, prior: str, temperature: float, noise: bool, n: int, decoder: str | None) -> dict:
         generator = torch.Generator().manual_seed(seed)
         z = sample_latents(self.prior if prior == "default" else None, n, self.latent_dim, generator, temperature)
-        return {"codes": z.tolist(), "images": self.images(z, noise, seed),
+        return {"codes": z.tolist(), "images": self.images(z, noise, seed, decoder),
                 "prior": self.prior_name if prior == "default" else "normal"}
 
     def steered(self, z: torch.Tensor, offsets) -> torch.Tensor:
@@ -163,23 +182,24 @@ class LoadedRun:
         k = len(offsets)
         return z + (offsets * self.pca["std"][:k]) @ self.pca["directions"][:k]
 
-    def strip(self) -> list[dict]:
+    def strip(self, decoder: str | None = None) -> list[dict]:
         """What each direction does: the mean code moved from -2.5 to +2.5 standard deviations along it."""
+        self.model_for(decoder)
         with self.lock:
-            if self._strip is None:
+            if decoder not in self._strip:
                 k = min(self.settings.directions, self.latent_dim)
                 steps = torch.linspace(-2.5, 2.5, self.settings.strip)
                 rows = []
                 for i in range(k):
                     z = self.pca["mean"] + steps[:, None] * self.pca["std"][i] * self.pca["directions"][i]
                     rows.append({"direction": i + 1, "variance": float(self.pca["variance"][i]),
-                                 "images": self.images(z)})
-                self._strip = rows
-        return self._strip
+                                 "images": self.images(z, decoder=decoder)})
+                self._strip[decoder] = rows
+        return self._strip[decoder]
 
-    def interpolate(self, a: torch.Tensor, b: torch.Tensor) -> list[str]:
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, decoder: str | None = None) -> list[str]:
         t = torch.linspace(0, 1, self.settings.interp_steps)[:, None]
-        return self.images(a * (1 - t) + b * t)
+        return self.images(a * (1 - t) + b * t, decoder=decoder)
 
     def train_faces(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training split (uint8) and each face's squared norm, read on first use."""
@@ -192,10 +212,10 @@ class LoadedRun:
                 self._train = faces, norms
         return self._train
 
-    def nearest(self, z: torch.Tensor) -> dict:
+    def nearest(self, z: torch.Tensor, decoder: str | None = None) -> dict:
         """The training faces closest in pixels to the decoded face (memorisation at a glance)."""
         faces, norms = self.train_faces()
-        face = self.run.decode(z)[0]
+        face = self.run.decode(z, model=self.model_for(decoder))[0]
         query = face.flatten()
         dots = torch.cat([chunk.float().div(255) @ query for chunk in faces.split(4096)])
         distance = (norms - 2 * dots + query.square().sum()).clamp(min=0).sqrt()
@@ -261,12 +281,13 @@ class Explorer:
                 self._cascade = load_cascade(resolve_cascade(self.cfg.crop))
         return self._cascade
 
-    def upload(self, run_id, name: str, data: bytes) -> dict:
+    def upload(self, run_id, name: str, data: bytes, decoder: str | None = None) -> dict:
         """The faces of an uploaded picture beside their reconstructions (and their codes, to steer)."""
         loaded = self.get(run_id)
+        loaded.model_for(decoder)
         tiles, note = self.faces_in(name, data, loaded.run.model.image_size)
         z = loaded.run.encode(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)))
-        return {"name": name, "note": note, "codes": z.tolist(), "recons": loaded.images(z),
+        return {"name": name, "note": note, "codes": z.tolist(), "recons": loaded.images(z, decoder=decoder),
                 "faces": [png_data_url(torch.from_numpy(t).permute(2, 0, 1).float().div(255)) for t in tiles]}
 
     def faces_in(self, name: str, data: bytes, side: int) -> tuple[np.ndarray, str]:
@@ -347,7 +368,8 @@ async def sample_route(explorer: Explorer, request: Request):
     if prior not in ("default", "normal"):
         raise BadRequest(f"prior={prior!r}: use default (the run's stored prior) or normal")
     args = (number(body, "seed", int, 0, 2 ** 63 - 1, 0), prior, number(body, "temperature", float, 0, 3, 1.0),
-            bool(body.get("noise", False)), number(body, "n", int, 1, 256, explorer.cfg.explore.grid))
+            bool(body.get("noise", False)), number(body, "n", int, 1, 256, explorer.cfg.explore.grid),
+            body.get("decoder"))
     return await run_in_threadpool(loaded.sample, *args)
 
 
@@ -361,25 +383,33 @@ async def steer_route(explorer: Explorer, request: Request):
         raise BadRequest(f"offsets must be a list of numbers from -{MAX_OFFSET} to {MAX_OFFSET} (standard "
                          "deviations along each slider's direction; the sliders go from -3 to 3)")
     moved = loaded.steered(z, offsets)
-    return {"code": moved[0].tolist(), "images": await run_in_threadpool(loaded.images, moved)}
+    images = await run_in_threadpool(loaded.images, moved, False, 0, body.get("decoder"))
+    return {"code": moved[0].tolist(), "images": images}
 
 
 async def directions_route(explorer: Explorer, request: Request):
     loaded = explorer.get(request.query_params.get("run", "0"))
-    return {"rows": await run_in_threadpool(loaded.strip), "source": loaded.pca["source"]}
+    rows = await run_in_threadpool(loaded.strip, request.query_params.get("decoder"))
+    return {"rows": rows, "source": loaded.pca["source"]}
 
 
 async def interpolate_route(explorer: Explorer, request: Request):
     body = await json_body(request)
     loaded = explorer.get(body.get("run", "0"))
     a, b = codes_from(body.get("a"), loaded.latent_dim, "a"), codes_from(body.get("b"), loaded.latent_dim, "b")
-    return {"images": await run_in_threadpool(loaded.interpolate, a, b)}
+    return {"images": await run_in_threadpool(loaded.interpolate, a, b, body.get("decoder"))}
 
 
 async def nearest_route(explorer: Explorer, request: Request):
     body = await json_body(request)
     loaded = explorer.get(body.get("run", "0"))
-    return await run_in_threadpool(loaded.nearest, codes_from(body.get("z"), loaded.latent_dim))
+    return await run_in_threadpool(loaded.nearest, codes_from(body.get("z"), loaded.latent_dim), body.get("decoder"))
+
+
+async def decoders_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    loaded = explorer.get(body.get("run", "0"))
+    return await run_in_threadpool(loaded.both, codes_from(body.get("z"), loaded.latent_dim))
 
 
 async def compare_route(explorer: Explorer, request: Request):
@@ -401,7 +431,8 @@ async def upload_route(explorer: Explorer, request: Request):
             raise too_big
     if not data:
         raise BadRequest(f"{name} is empty")
-    return await run_in_threadpool(explorer.upload, request.query_params.get("run", "0"), name, bytes(data))
+    return await run_in_threadpool(explorer.upload, request.query_params.get("run", "0"), name, bytes(data),
+                                   request.query_params.get("decoder"))
 
 
 async def page(request: Request):
@@ -411,7 +442,8 @@ async def page(request: Request):
 def make_app(explorer: Explorer) -> Starlette:
     api = {"runs": (runs_route, "GET"), "sample": (sample_route, "POST"), "steer": (steer_route, "POST"),
            "directions": (directions_route, "GET"), "interpolate": (interpolate_route, "POST"),
-           "nearest": (nearest_route, "POST"), "compare": (compare_route, "POST"), "upload": (upload_route, "POST")}
+           "nearest": (nearest_route, "POST"), "compare": (compare_route, "POST"), "upload": (upload_route, "POST"),
+           "decoders": (decoders_route, "POST")}
     routes = [Route("/", page), *(Route(f"/api/{name}", endpoint(handler), methods=[method])
                                   for name, (handler, method) in api.items())]
     app = Starlette(routes=routes)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.adversarial import with_decoder
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
@@ -103,6 +104,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+DECODERS = ("auto", "sharp", "elbo")
+
+
 def model_from_checkpoint(ckpt: dict, device="cpu") -> VAE:
     """The model that samples: the weights' moving average when the run kept one (train.ema)."""
     model = VAE(**ckpt["model_args"])
@@ -110,13 +114,40 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> VAE:
     return model.to(device).eval()
 
 
+def sharp_from_checkpoint(ckpt: dict, elbo_model: VAE, path) -> VAE | None:
+    """The same encoder with the sharp decoder (pipeline/adversarial.py), when the run trained one."""
+    if "sharp" not in ckpt:
+        return None
+    try:
+        return with_decoder(elbo_model, ckpt["sharp"]["decoder"]).eval()
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise RunNotFound(f"{path}: its sharp decoder does not fit its model ({err}); "
+                          "sample with decoder=elbo, or train the run again") from None
+
+
+def pick_decoder(asked: str, elbo: VAE, sharp: VAE | None, path) -> tuple[VAE, str]:
+    """decoder=auto is the sharp decoder when the run has one, else the ELBO decoder."""
+    if asked not in DECODERS:
+        raise PipelineError(f"decoder={asked!r}: use auto (the sharp decoder when the run has one), sharp or elbo")
+    if asked == "sharp" and sharp is None:
+        raise PipelineError(f"decoder=sharp but {path} has no sharp decoder (trained with sharp.epochs=0, or before "
+                            "it existed): resume it to train one with `python -m pipeline.train resume=RUN_FOLDER`, "
+                            "or use decoder=elbo")
+    if sharp is not None and asked != "elbo":
+        return sharp, "sharp"
+    return elbo, "elbo"
+
+
 class Run:
     """A trained checkpoint, its model on the device, and the data it was trained on."""
 
-    def __init__(self, ckpt_path: Path, device: torch.device):
+    def __init__(self, ckpt_path: Path, device: torch.device, decoder: str = "auto"):
         self.ckpt_path = Path(ckpt_path)
         self.ckpt = load_checkpoint(self.ckpt_path)
-        self.model = model_from_checkpoint(self.ckpt, device)
+        self.elbo_model = model_from_checkpoint(self.ckpt, device)
+        self.sharp_model = sharp_from_checkpoint(self.ckpt, self.elbo_model, self.ckpt_path)
+        self.model, self.decoder_name = pick_decoder(decoder, self.elbo_model, self.sharp_model, self.ckpt_path)
+        self.encoder_step = self.ckpt.get("encoder_step", self.ckpt["step"])
         self.device = device
         self.obs_std = float(self.ckpt["obs_std"])
         self.likelihood = self.ckpt["likelihood"]
@@ -140,10 +171,10 @@ class Run:
             raise PipelineError(f"prior={name!r}: use default (the run's stored prior), normal or gmm")
         stored = load_prior(self.ckpt_path.parent)
         usable = stored is not None and (name == "default" or answers(stored, components))
-        if usable and (stored["step"] == self.ckpt["step"] or not self.has_split("train")):
-            if stored["step"] != self.ckpt["step"]:
-                log.warning("%s was fitted at step %d, the checkpoint is at step %d; the training split is not "
-                            "there to refit it, so it is used as it is", PRIOR_NAME, stored["step"], self.ckpt["step"])
+        if usable and (stored["step"] == self.encoder_step or not self.has_split("train")):
+            if stored["step"] != self.encoder_step:
+                log.warning("%s was fitted at step %d, the encoder is at step %d; the training split is not "
+                            "there to refit it, so it is used as it is", PRIOR_NAME, stored["step"], self.encoder_step)
             return stored, stored["kind"]
         if not self.has_split("train"):
             raise DataError(f"prior={name} needs a {components}-component mixture that {self.ckpt_path.parent} "
@@ -151,22 +182,26 @@ class Run:
                             f"({self.config['train']['train_file']}) is not there: restore that file, or sample "
                             "with prior=normal")
         if name == "default":
-            prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.ckpt["step"])
+            prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
             log.info("stored the fitted prior as %s", save_prior(self.ckpt_path.parent, prior))
             return prior, prior["kind"]
         return self.cached_gmm(components, seed), "gmm"
 
     def cached_gmm(self, components: int, seed: int) -> dict:
-        cache = self.ckpt_path.parent / f"gmm_k{components}_step{self.ckpt['step']}_seed{seed}.pt"
+        cache = self.ckpt_path.parent / f"gmm_k{components}_step{self.encoder_step}_seed{seed}.pt"
         if cache.exists():
             return torch.load(cache, weights_only=True)
-        prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.ckpt["step"])
+        prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
         atomic_write(cache, lambda f: torch.save(prior, f))
         return prior
 
-    def decode(self, z: torch.Tensor, noise: bool = False, generator=None) -> torch.Tensor:
-        """Images in [0, 1]: decoder means, or a draw from p(x|z) (Gaussian: clipped for display)."""
-        mean = decode_means(self.model, z)
+    def decode(self, z: torch.Tensor, noise: bool = False, generator=None, model: VAE | None = None) -> torch.Tensor:
+        """Images in [0, 1]: decoder means (of `model`, default the chosen decoder), or a draw from p(x|z) of
+        the ELBO decoder (Gaussian: clipped for display)."""
+        if noise and self.decoder_name != "elbo" and model is None:
+            raise PipelineError("noise=true draws from p(x|z), the ELBO decoder's likelihood; the sharp decoder has "
+                                "none: add decoder=elbo")
+        mean = decode_means(model or self.model, z)
         if not noise:
             return mean
         if self.likelihood == "bernoulli":
@@ -178,6 +213,7 @@ class Run:
 
 
 def open_run(cfg) -> Run:
-    """The run a sample/evaluate config asks for: `ckpt=`, else the newest (with `+obs_std=`)."""
+    """The run a sample/evaluate config asks for: `ckpt=`, else the newest (with `+obs_std=`); `decoder=`
+    when the config has that key."""
     ckpt = find_checkpoint(cfg.paths.output_dir, obs_std=cfg.get("obs_std"), ckpt=cfg.ckpt)
-    return Run(ckpt, pick_device(str(cfg.device)))
+    return Run(ckpt, pick_device(str(cfg.device)), str(cfg.get("decoder", "auto")))

@@ -1,7 +1,9 @@
 """Stage 5: pictures from a trained VAE.
 
     python -m pipeline.sample +obs_std=0.1                 # 64 samples (decoder means) from the newest obs_std=0.1 run,
-                                                           # codes from the prior stored with it (a fitted mixture)
+                                                           # codes from the prior stored with it (a fitted mixture),
+                                                           # drawn by its sharp decoder when it has one
+    python -m pipeline.sample +obs_std=0.1 decoder=elbo    # the same codes through the exact-ELBO decoder
     python -m pipeline.sample +obs_std=0.1 prior=normal    # codes from N(0, I)
     python -m pipeline.sample sheet=recon|interp|obs_std   # reconstructions, interpolations, one row per obs_std
 
@@ -23,7 +25,7 @@ from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import to_uint8
 from pipeline.model import recon_grid
 from pipeline.prior import sample_latents
-from pipeline.runs import Run, list_runs, open_run, pick_device
+from pipeline.runs import DECODERS, Run, list_runs, open_run, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class SampleJob:
     seed: int = key(low=0)
     noise: bool = key()
     prior: str = key(choices=("default", "normal", "gmm"))
+    decoder: str = key(choices=DECODERS)
     gmm_components: int = key(low=1)
     out: str | None = key()
     device: str = key()
@@ -50,14 +53,14 @@ def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     log.info("prior: %s%s", prior_name, " (the run's stored prior)" if cfg.prior == "default" else "")
     z = sample_latents(prior, cfg.n, run.model.latent_dim, generator)
     kind = "noisy" if cfg.noise else "means"
-    return run.decode(z, cfg.noise, generator), f"samples_{prior_name}_{kind}_seed{cfg.seed}"
+    return run.decode(z, cfg.noise, generator), f"samples_{prior_name}_{kind}_seed{cfg.seed}_{run.decoder_name}"
 
 
 def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     """Rows of test faces, each followed by a row of their reconstructions (decoder means of mu)."""
     test = test_faces(run, cfg.n, "n")
     faces = test[np.sort(torch.randperm(len(test), generator=generator)[: cfg.n].numpy())]
-    return recon_grid(run.model, faces, cfg.nrow), f"recon_seed{cfg.seed}"
+    return recon_grid(run.model, faces, cfg.nrow), f"recon_seed{cfg.seed}_{run.decoder_name}"
 
 
 def interp_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
@@ -68,7 +71,7 @@ def interp_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     codes = run.encode(test[pick])
     t = torch.linspace(0, 1, cfg.nrow)[None, :, None]
     z = (codes[:rows, None] * (1 - t) + codes[rows:, None] * t).flatten(0, 1)
-    return run.decode(z), f"interp_seed{cfg.seed}"
+    return run.decode(z), f"interp_seed{cfg.seed}_{run.decoder_name}"
 
 
 def test_faces(run: Run, needed: int, what: str) -> np.ndarray:
@@ -108,16 +111,16 @@ def obs_std_sheet(cfg, device) -> tuple[Image.Image, Path]:
         raise PipelineError(f"no trained run under {cfg.paths.output_dir}: run `make train` or `make sweep` first")
     rows, labels = [], []
     for obs_std, ckpt in sorted(newest.items()):
-        run = Run(ckpt, device)
+        run = Run(ckpt, device, cfg.decoder)
         generator = torch.Generator().manual_seed(cfg.seed)
         z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed)[0], cfg.nrow, run.model.latent_dim,
                            generator)
         rows.append(run.decode(z))
-        labels.append(f"obs_std={obs_std:g}")
-        log.info("row %d: obs_std=%g from %s", len(rows), obs_std, ckpt)
+        labels.append(f"obs_std={obs_std:g} {run.decoder_name}")
+        log.info("row %d: obs_std=%g from %s (%s decoder)", len(rows), obs_std, ckpt, run.decoder_name)
     tile = rows[0].shape[-1]
     grid = make_grid(torch.cat(rows), nrow=cfg.nrow, padding=2, pad_value=1.0)
-    out = output_path(cfg, Path(cfg.paths.output_dir) / f"obs_std_sheet_{cfg.prior}_seed{cfg.seed}.png")
+    out = output_path(cfg, Path(cfg.paths.output_dir) / f"obs_std_sheet_{cfg.prior}_seed{cfg.seed}_{cfg.decoder}.png")
     return labelled(grid, labels, tile + 2), out
 
 
@@ -136,7 +139,9 @@ def sample(cfg: DictConfig) -> Path:
     out = output_path(cfg, run.ckpt_path.parent / f"{name}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, out, nrow=cfg.nrow)
-    log.info("%s from %s (obs_std=%g, step %d)", cfg.sheet, run.ckpt_path, run.obs_std, run.ckpt["step"])
+    log.info("%s from %s (obs_std=%g, step %d), %s decoder%s", cfg.sheet, run.ckpt_path, run.obs_std,
+             run.ckpt["step"], run.decoder_name, "" if run.sharp_model is None or run.decoder_name == "sharp"
+             else " (decoder=elbo; the run also has a sharp one)")
     return out
 
 

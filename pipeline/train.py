@@ -11,8 +11,11 @@ resumable to the exact step), metrics.csv, TensorBoard events, grids and the res
 
 `train()` runs the phases below in order, each a function of its own:
 setup_processes -> load_splits -> build -> (restore_checkpoint) -> RunOutputs -> train_loop -> store_prior.
+The loop runs the VAE's steps, then (sharp.epochs > 0) the sharp decoder's (pipeline/adversarial.py) on the
+frozen VAE's codes: one loop, one checkpoint, the step decides the phase.
 """
 import csv
+import io
 import logging
 import math
 import os
@@ -35,6 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from pipeline.adversarial import SharpConfig, SharpPhase, phase_split, sharp_steps
 from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
 from pipeline.errors import PipelineError, exit_on_error, hydra_output_dir, remove_if_no_results
@@ -42,13 +46,14 @@ from pipeline.images import to_float
 from pipeline.io import JsonlLog, atomic_write
 from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, evaluate_elbo, model_settings,
                             negative_elbo, recon_grid)
-from pipeline.prior import fit_gmm_prior, save_prior
+from pipeline.prior import fit_gmm_prior, load_prior, save_prior
 from pipeline.runs import CKPT_FORMAT, CKPT_NAME, find_checkpoint, load_checkpoint, load_split, pick_device
 
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["step", "epoch", "loss", "nll", "kl", "lr", "img_per_s", "test_elbo", "test_nll",
-                 "test_kl", "test_bpd"]
+                 "test_kl", "test_bpd", "sharp_rec_l1", "sharp_adv", "sharp_disc", "sharp_adv_weight"]
+SHARP_FIELDS = ["sharp_rec_l1", "sharp_adv", "sharp_disc", "sharp_adv_weight"]
 
 
 class TrainError(PipelineError):
@@ -89,6 +94,7 @@ class TrainJob:
     paths: Paths = key(default=Paths)
     model: ModelConfig = key(default=ModelConfig)
     train: TrainConfig = key(default=TrainConfig)
+    sharp: SharpConfig = key(default=SharpConfig)
     preset_name: str = key(choices=("auto", "cpu", "gpu"))
     obs_std: float = key()  # > 0, checked by check_objective with a hint
     likelihood: str = key(choices=("gaussian", "bernoulli"))
@@ -102,7 +108,10 @@ class TrainJob:
 # keeps the run's value, and giving it a different one is refused: it would change what the run means.
 RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.eval_every", "train.num_threads",
                      "train.eval_batch_size", "train.grid_n", "train.compile", "train.fused_adam",
-                     "train.prior_components", "device", "paths.output_dir", "resume", "preset"}
+                     "train.prior_components", "device", "paths.output_dir", "resume", "preset",
+                     "sharp.epochs", "sharp.max_steps"}
+# ...and, until its sharp-decoder phase has begun, every sharp.* key (so a finished VAE run gets a sharp decoder)
+SHARP_KEYS = {f"sharp.{name}" for name in SharpConfig.__dataclass_fields__}
 
 
 @dataclass
@@ -129,11 +138,18 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     model_args: dict
     ema: AveragedModel | None = None
+    sharp: SharpPhase | None = None  # the sharp decoder's phase, once it has begun
 
     @property
     def sampler(self) -> VAE:
         """The weights that make pictures: the average when there is one."""
         return self.ema.module if self.ema is not None else self.core
+
+    def start_sharp(self, cfg) -> SharpPhase:
+        """The sharp decoder's phase: a copy of the sampling VAE's decoder and a new discriminator."""
+        if self.sharp is None:
+            self.sharp = SharpPhase(cfg.sharp, self.sampler, cfg.seed, cfg.train.channels_last)
+        return self.sharp
 
 
 @dataclass
@@ -271,17 +287,20 @@ def rng_states(proc: Proc) -> list[dict]:
     return rngs
 
 
-def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_per_epoch: int) -> dict:
+def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_per_epoch: int,
+                     vae_steps: int) -> dict:
     return {"format": CKPT_FORMAT, "model_args": parts.model_args, "model": parts.core.state_dict(),
             "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
             "step": progress.step, "epoch": progress.step // steps_per_epoch,
+            "vae_steps": vae_steps, "encoder_step": min(progress.step, vae_steps),
+            **({"sharp": parts.sharp.state_dict()} if parts.sharp else {}),
             "best_test_elbo": progress.best_test_elbo, "rng": rngs,
             "obs_std": float(cfg.obs_std), "likelihood": cfg.likelihood,
             "config": OmegaConf.to_container(cfg, resolve=True),
             **({"ema": parts.ema.module.state_dict(), "ema_n": int(parts.ema.n_averaged)} if parts.ema else {})}
 
 
-def restore_checkpoint(path: Path, parts: Parts, proc: Proc) -> Progress:
+def restore_checkpoint(cfg, path: Path, parts: Parts, proc: Proc) -> Progress:
     ckpt = load_checkpoint(path, map_location=proc.device)
     if model_settings(ckpt["model_args"]) != model_settings(parts.model_args):
         raise TrainError(f"{path} was trained with {ckpt['model_args']}, not {parts.model_args}; "
@@ -294,6 +313,8 @@ def restore_checkpoint(path: Path, parts: Parts, proc: Proc) -> Progress:
             raise TrainError(f"{path} was trained without train.ema; resume it with train.ema=0")
         parts.ema.module.load_state_dict(ckpt["ema"])
         parts.ema.n_averaged.fill_(ckpt["ema_n"])
+    if "sharp" in ckpt:
+        parts.start_sharp(cfg).load_state_dict(ckpt["sharp"])
     rng = ckpt["rng"][proc.rank] if proc.rank < len(ckpt["rng"]) else ckpt["rng"][0]
     torch.set_rng_state(rng["cpu"].cpu())
     if proc.device.type == "cuda" and rng.get("cuda") is not None:
@@ -322,14 +343,15 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict, int]:
     ckpt = load_checkpoint(ckpt_path)
     run_cfg = OmegaConf.merge(cfg, ckpt["config"])
     changed = {}
+    may_change = RESUME_MAY_CHANGE | (set() if "sharp" in ckpt else SHARP_KEYS)
     for name in command_line_keys():
         new, old = OmegaConf.select(cfg, name), OmegaConf.select(run_cfg, name)
         if new == old or name in ("resume", "preset"):
             continue
-        if name not in RESUME_MAY_CHANGE:
+        if name not in may_change:
             raise TrainError(f"resume: {name}={new} would change what the run {ckpt_path.parent} means (it was "
                              f"trained with {name}={old}); start a new run instead. A resumed run may change only "
-                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'preset'}))}")
+                             f"{', '.join(sorted(may_change - {'resume', 'preset'}))}")
         OmegaConf.update(run_cfg, name, new)
         changed[name] = [OmegaConf.to_container(old) if OmegaConf.is_config(old) else old, new]
     run_cfg.resume = str(ckpt_path)
@@ -373,13 +395,14 @@ class RunOutputs:
             if key != "step":
                 self.writer.add_scalar(key, value, row["step"])
 
-    def save_grids(self, model: VAE, test: torch.Tensor, epoch: int) -> None:
+    def save_grids(self, model: VAE, test: torch.Tensor, epoch: int, prefix: str = "") -> None:
         """Decoder means of fixed N(0, I) draws, and test faces above their reconstructions."""
         n = self.cfg.train.grid_n
         generator = torch.Generator(device=test.device).manual_seed(0)
         z = torch.randn(n, model.latent_dim, generator=generator, device=test.device)
-        save_image(decode_means(model, z), self.run_dir / f"samples_epoch{epoch:03d}.png", nrow=8)
-        save_image(recon_grid(model, test[: n // 2], 8), self.run_dir / f"recon_epoch{epoch:03d}.png", nrow=8)
+        save_image(decode_means(model, z), self.run_dir / f"{prefix}samples_epoch{epoch:03d}.png", nrow=8)
+        save_image(recon_grid(model, test[: n // 2], 8), self.run_dir / f"{prefix}recon_epoch{epoch:03d}.png",
+                   nrow=8)
 
     def save_checkpoint(self, state: dict) -> None:
         atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
@@ -399,12 +422,17 @@ def claim_run_dir(run_dir: Path) -> None:
 
 
 def drop_rows_after(metrics_csv: Path, step: int) -> None:
-    """Rows logged after the checkpoint a run resumes from are logged again: keep no repeated step."""
+    """Rows logged after the checkpoint a run resumes from are logged again: keep no repeated step (and write
+    today's header: files from before the sharp decoder's columns keep their rows)."""
     if metrics_csv.exists():
         lines = metrics_csv.read_text().splitlines(keepends=True)
-        kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and
-                            line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
-        atomic_write(metrics_csv, lambda f: f.write("".join(kept).encode()))
+        kept = [line for line in lines[1:] if line.endswith("\n") and
+                line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(csv.DictReader(lines[:1] + kept))
+        atomic_write(metrics_csv, lambda f: f.write(text.getvalue().encode()))
 
 
 def open_outputs(cfg, proc: Proc, resume_path: Path | None, run_dir: Path | None,
@@ -439,18 +467,18 @@ class Stop:
 
 
 class Meter:
-    """Running sums of loss, nll and kl between log rows, kept on the device (no sync per step),
-    and the first step whose loss was not finite."""
+    """Running sums of a step's losses between log rows, kept on the device (no sync per step),
+    and the first step whose losses were not finite."""
 
     def __init__(self, proc: Proc, step: int):
-        self.sums = torch.zeros(3, device=proc.device)
+        self.sums = 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=proc.device)
         self.since_step, self.since_time = step, time.perf_counter()
 
-    def add(self, step: int, loss, nll, kl) -> None:
-        self.first_bad_step = torch.where(~torch.isfinite(loss) & (self.first_bad_step < 0), step,
+    def add(self, step: int, values: torch.Tensor) -> None:
+        self.first_bad_step = torch.where(~torch.isfinite(values).all() & (self.first_bad_step < 0), step,
                                           self.first_bad_step)
-        self.sums += torch.stack([loss, nll, kl]).detach()
+        self.sums = self.sums + values
 
     def check_finite(self, ckpt_path: Path, last_good_step: int) -> None:
         bad = int(self.first_bad_step)
@@ -460,11 +488,11 @@ class Meter:
                              "Lower train.lr, raise obs_std, or check the data")
 
     def take(self, step: int, images_per_step: int) -> tuple[list[float], float]:
-        """Mean (loss, nll, kl) and images/s since the last take."""
+        """Mean losses and images/s since the last take."""
         now = time.perf_counter()
         img_s = (step - self.since_step) * images_per_step / (now - self.since_time)
         means = (self.sums / (step - self.since_step)).tolist()
-        self.sums.zero_()
+        self.sums = 0
         self.since_step, self.since_time = step, now
         return means, img_s
 
@@ -490,26 +518,52 @@ def next_batch(cfg, data: torch.Tensor, order: torch.Tensor, batch_no: int, devi
 
 def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Progress, test: torch.Tensor,
             steps_per_epoch: int, images_per_step: int, evaluate_now: bool, bar: tqdm) -> None:
-    """A metrics row (all ranks reset their meters; rank 0 writes), with test ELBO and grids when `evaluate_now`."""
+    """A metrics row (all ranks reset their meters; rank 0 writes), with test ELBO and grids when `evaluate_now`
+    (the sharp decoder's grids in its phase: the VAE's test ELBO no longer changes then)."""
     step = progress.step
-    (loss, nll, kl), img_s = meter.take(step, images_per_step)
+    means, img_s = meter.take(step, images_per_step)
     if outputs is None:
         return
-    row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss, "nll": nll, "kl": kl,
-           "lr": parts.scheduler.get_last_lr()[0], "img_per_s": img_s}
-    bar.set_postfix(loss=f"{loss:.1f}", kl=f"{kl:.1f}", img_s=f"{img_s:.0f}")
-    if evaluate_now:
+    row = {"step": step, "epoch": step / steps_per_epoch, "img_per_s": img_s}
+    if len(means) == 3:
+        row.update(zip(["loss", "nll", "kl"], means), lr=parts.scheduler.get_last_lr()[0])
+        bar.set_postfix(loss=f"{means[0]:.1f}", kl=f"{means[2]:.1f}", img_s=f"{img_s:.0f}")
+    else:
+        row.update(zip(SHARP_FIELDS, means), lr=cfg.sharp.lr)
+        bar.set_postfix(rec=f"{means[0]:.4f}", disc=f"{means[2]:.3f}", img_s=f"{img_s:.0f}")
+    epoch = math.ceil(step / steps_per_epoch)
+    if evaluate_now and parts.sharp:
+        outputs.save_grids(parts.sharp.sampler, test, epoch, prefix="sharp_")
+        log.info("epoch %.2f step %d: sharp decoder, train L1 %.4f, adversarial %.3f, discriminator %.3f",
+                 row["epoch"], step, *means[:3])
+    elif evaluate_now:
         row.update(evaluate_elbo(parts.core, test, cfg.likelihood, cfg.obs_std, cfg.train.eval_batch_size))
         progress.best_test_elbo = max(progress.best_test_elbo, row["test_elbo"])
-        outputs.save_grids(parts.sampler, test, math.ceil(step / steps_per_epoch))
+        outputs.save_grids(parts.sampler, test, epoch)
         log.info("epoch %.2f step %d: test ELBO %.1f nats/image (%.3f bits/dim), nll %.1f, kl %.1f",
                  row["epoch"], step, row["test_elbo"], row["test_bpd"], row["test_nll"], row["test_kl"])
     outputs.write_row(row)
 
 
+def vae_step(cfg, parts: Parts, x: torch.Tensor, autocast, step: int) -> torch.Tensor:
+    """Forward (bf16 where the hardware has it), the exact -ELBO in fp32, one optimizer step: (loss, nll, kl)."""
+    with autocast:
+        out, mu, logvar = parts.net(x)
+    beta = cfg.beta * kl_weight(step, cfg.train.kl_warmup_steps)
+    loss, nll, kl = negative_elbo(x, out, mu, logvar, cfg.likelihood, cfg.obs_std, beta)
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts.optimizer.step()
+    parts.scheduler.step()
+    if parts.ema is not None:
+        parts.ema.update_parameters(parts.core)
+    return torch.stack([loss, nll, kl]).detach()
+
+
 def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: torch.Tensor,
-               test_data: torch.Tensor, outputs: RunOutputs | None, total_steps: int) -> int:
-    """Train to `total_steps`; returns 0, or the signal that stopped it (after a checkpoint)."""
+               test_data: torch.Tensor, outputs: RunOutputs | None, vae_steps: int, total_steps: int) -> int:
+    """Train the VAE to `vae_steps`, then the sharp decoder to `total_steps`; returns 0, or the signal that
+    stopped it (after a checkpoint)."""
     steps_per_epoch = len(train_data) // proc.world // cfg.train.batch_size
     images_per_step = cfg.train.batch_size * proc.world
     ckpt_path = outputs.ckpt_path if outputs else Path(os.devnull)
@@ -525,25 +579,18 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
             order, order_epoch = epoch_order(len(train_data), epoch, cfg.seed, proc), epoch
         x = next_batch(cfg, train_data, order, batch_no, proc.device)
 
-        # forward (bf16 where the hardware has it), the exact -ELBO in fp32, one optimizer step
-        with autocast:
-            out, mu, logvar = parts.net(x)
-        beta = cfg.beta * kl_weight(progress.step, cfg.train.kl_warmup_steps)
-        loss, nll, kl = negative_elbo(x, out, mu, logvar, cfg.likelihood, cfg.obs_std, beta)
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parts.optimizer.step()
-        parts.scheduler.step()
-        if parts.ema is not None:
-            parts.ema.update_parameters(parts.core)
-        meter.add(progress.step, loss, nll, kl)
+        if progress.step < vae_steps:
+            values = vae_step(cfg, parts, x, autocast, progress.step)
+        else:
+            values = parts.start_sharp(cfg).step(x, autocast, proc.world)
+        meter.add(progress.step, values)
         progress.step += 1
         bar.update()
         if proc.free_cores:
             proc.free_cores.update()
 
-        # metrics every log_every steps; test ELBO and grids every eval_every epochs and at the end
-        step, last = progress.step, progress.step == total_steps
+        # metrics every log_every steps; test ELBO and grids every eval_every epochs, at each phase's end
+        step, last = progress.step, progress.step in (vae_steps, total_steps)
         evaluate_now = last or (step % steps_per_epoch == 0 and step // steps_per_epoch % cfg.train.eval_every == 0)
         if step % cfg.train.log_every == 0 or evaluate_now:
             meter.check_finite(ckpt_path, last_good_step)
@@ -556,7 +603,7 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
             meter.check_finite(ckpt_path, last_good_step)
             rngs = rng_states(proc)  # a collective: every rank takes part
             if outputs:
-                outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch))
+                outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch, vae_steps))
             last_good_step = step
         if signum:
             break
@@ -571,21 +618,22 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     proc = setup_processes(cfg)
     train_np, test_np = load_splits(cfg, proc)
     steps_per_epoch = len(train_np) // proc.world // cfg.train.batch_size
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    parts = build(cfg, train_np.shape[-1], proc, total_steps)
+    vae_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    total_steps = vae_steps + sharp_steps(cfg.sharp, steps_per_epoch)
+    parts = build(cfg, train_np.shape[-1], proc, vae_steps)
     torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise for flips and the reparameterisation
     resume_path = broadcast(resolve_resume(cfg) if proc.main else None, proc)
-    progress = restore_checkpoint(resume_path, parts, proc) if resume_path else Progress()
+    progress = restore_checkpoint(cfg, resume_path, parts, proc) if resume_path else Progress()
     wrap(cfg, parts, proc)
     run_dir, outputs = open_outputs(cfg, proc, resume_path, run_dir, progress.step)
     if outputs:
-        log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoch, parts.core)
+        log_start(cfg, run_dir, proc, train_np, test_np, vae_steps, total_steps, steps_per_epoch, parts.core)
     train_data, test_data = torch.from_numpy(train_np).to(proc.device), torch.from_numpy(test_np).to(proc.device)
     start_step, t0 = progress.step, time.perf_counter()
     try:
-        signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, total_steps)
+        signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, vae_steps, total_steps)
         if outputs:
-            store_prior(cfg, parts.sampler, train_np, progress, outputs.run_dir)
+            store_prior(cfg, parts.sampler, train_np, min(progress.step, vae_steps), outputs.run_dir)
     finally:
         if outputs:
             outputs.close()
@@ -605,14 +653,18 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     return summary
 
 
-def store_prior(cfg, model: VAE, train_np: np.ndarray, progress: Progress, run_dir: Path) -> None:
-    """Fit the sampling prior to this checkpoint's training codes and store it beside ckpt.pt."""
-    prior = fit_gmm_prior(model, train_np, cfg.train.prior_components, cfg.seed, progress.step)
+def store_prior(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, run_dir: Path) -> None:
+    """Fit the sampling prior to the training codes of the encoder at `encoder_step` (the sharp decoder's
+    phase leaves it as it is) and store it beside ckpt.pt."""
+    stored = load_prior(run_dir)
+    if stored is not None and stored["step"] == encoder_step:
+        return
+    prior = fit_gmm_prior(model, train_np, cfg.train.prior_components, cfg.seed, encoder_step)
     log.info("sampling prior (%d-component mixture over the training codes) -> %s", prior["components"],
              save_prior(run_dir, prior))
 
 
-def log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoch, model) -> None:
+def log_start(cfg, run_dir, proc, train_np, test_np, vae_steps, total_steps, steps_per_epoch, model) -> None:
     if cfg.train.kl_warmup_steps:
         log.info("KL warmup: the KL term's weight rises from 0 to beta over the first %d steps (the loss is the "
                  "ELBO only after that)", cfg.train.kl_warmup_steps)
@@ -622,6 +674,7 @@ def log_start(cfg, run_dir, proc, train_np, test_np, total_steps, steps_per_epoc
     log.info("run dir %s; %d train / %d test faces %s on %s x %d; %d steps (%d per epoch), model %.2fM params",
              run_dir, len(train_np), len(test_np), tuple(train_np.shape[1:]), proc.device, proc.world,
              total_steps, steps_per_epoch, sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("phases: %s", phase_split(vae_steps, total_steps - vae_steps))
 
 
 def resolve_preset(cfg: DictConfig) -> DictConfig:

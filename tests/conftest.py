@@ -75,10 +75,12 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_runs(tiny_data, tmp_path_factory):
-    """An outputs/ folder holding two tiny runs on `tiny_data`: obs_std 0.3, then 0.1 (the newest). Read only."""
+    """An outputs/ folder holding two tiny runs on `tiny_data`: obs_std 0.3, then 0.1 (the newest, which has a
+sharp decoder: 10 steps of it). Read only."""
     out = tmp_path_factory.mktemp("tiny_runs")
-    for obs_std in (0.3, 0.1):
-        run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=15", f"obs_std={obs_std}"))
+    for obs_std, sharp_steps in ((0.3, 0), (0.1, 10)):
+        run_module("pipeline.train", *train_args(tiny_data, out, "train.max_steps=15", f"obs_std={obs_std}",
+                                                 sharp_steps=sharp_steps))
     return out
 
 

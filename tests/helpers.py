@@ -81,11 +81,13 @@ def checked_run(module: str, proc: subprocess.CompletedProcess, check: bool) -> 
     return proc
 
 
-def train_args(data_dir, out_dir, *extra) -> list[str]:
-    """A CPU-sized training config: a small model, small batches, frequent logs."""
+def train_args(data_dir, out_dir, *extra, sharp_steps=0) -> list[str]:
+    """A CPU-sized training config: a small model, small batches, frequent logs; the sharp decoder's phase
+    only when `sharp_steps` are asked for."""
     return [f"paths.data_dir={data_dir}", f"paths.output_dir={out_dir}", "device=cpu", "model.width=16",
             "model.decoder_width=16", "model.latent_dim=32", "train.batch_size=32", "train.warmup_steps=5",
-            "train.log_every=5", "train.grid_n=16", "train.prior_components=4", *extra]
+            "train.log_every=5", "train.grid_n=16", "train.prior_components=4", f"sharp.max_steps={sharp_steps}",
+            "sharp.disc_width=8", *extra]
 
 
 def upstream_face_counts(folder: Path, cascade: Path) -> dict[Path, int]:

@@ -107,8 +107,25 @@ def test_samples_are_seeded_and_follow_prior_and_temperature(server):
     assert normal["prior"] == "normal" and abs(np.std(normal["codes"]) - 1) < 0.05
     cold = post(server, "sample", seed=3, prior="normal", temperature=0.5, n=256).json()
     assert abs(np.std(cold["codes"]) - 0.5) < 0.03
-    noisy = post(server, "sample", seed=3, noise=True).json()
-    assert noisy["codes"] == a["codes"] and not np.array_equal(pixels(noisy["images"][0]), pixels(a["images"][0]))
+    elbo = post(server, "sample", seed=3, decoder="elbo").json()
+    noisy = post(server, "sample", seed=3, noise=True, decoder="elbo").json()
+    assert noisy["codes"] == a["codes"] and not np.array_equal(pixels(noisy["images"][0]), pixels(elbo["images"][0]))
+
+
+def test_the_decoder_toggle_and_the_same_code_through_both(server):
+    assert post(server, "sample", run="1", n=1).ok  # the obs_std 0.3 run, loaded on first use
+    listed = requests.get(server + "api/runs", timeout=60).json()["runs"]
+    assert [r["decoders"] for r in listed] == [["sharp", "elbo"], ["elbo"]]  # obs_std 0.1 has a sharp decoder
+    z = post(server, "sample", seed=2, n=1).json()["codes"][0]
+    default, sharp, elbo = (post(server, "steer", z=z, offsets=[], **extra).json()["images"][0]
+                            for extra in ({}, {"decoder": "sharp"}, {"decoder": "elbo"}))
+    assert default == sharp and not np.array_equal(pixels(sharp), pixels(elbo))
+    both = post(server, "decoders", z=z).json()
+    assert both == {"sharp": [sharp], "elbo": [elbo]}
+    assert post(server, "decoders", z=z, run="1").json().keys() == {"elbo"}
+    assert len(post(server, "interpolate", a=z, b=z, decoder="elbo").json()["images"]) == 10
+    strip = requests.get(server + "api/directions", params={"decoder": "elbo"}, timeout=60).json()
+    assert strip["rows"][0]["images"] != requests.get(server + "api/directions", timeout=60).json()["rows"][0]["images"]
 
 
 def test_steering_moves_along_stored_principal_directions(server, runs):
@@ -117,7 +134,7 @@ def test_steering_moves_along_stored_principal_directions(server, runs):
     assert np.allclose(still["code"], z, atol=1e-6)
     moved = post(server, "steer", z=z, offsets=[2, 0, -1]).json()
     assert not np.array_equal(pixels(moved["images"][0]), pixels(still["images"][0]))
-    stored = torch.load(next(runs.rglob("directions.pt")), weights_only=True)
+    stored = torch.load(next(runs.rglob("obs_std-0.1/*/directions.pt")), weights_only=True)
     expected = torch.tensor(z) + 2 * stored["std"][0] * stored["directions"][0] - stored["std"][2] * stored["directions"][2]
     assert np.allclose(moved["code"], expected.numpy(), atol=1e-4)
     strip = requests.get(server + "api/directions", timeout=60).json()
@@ -142,6 +159,9 @@ def test_bad_requests_get_a_message_not_a_traceback(server):
               (post(server, "steer", z=[0] * 32, offsets=[1e308]), 400, "offsets must be a list of numbers from"),
               (post(server, "steer", z=[0] * 32, offsets=["up"]), 400, "offsets must be a list of numbers from"),
               (post(server, "sample", run="9"), 404, "run='9' is not one of"),
+              (post(server, "sample", decoder="blurry"), 400, "decoder='blurry': use sharp or elbo"),
+              (post(server, "sample", run="1", decoder="sharp"), 400, "this run has no sharp decoder"),
+              (post(server, "sample", noise=True), 400, "switch the decoder to ELBO"),
               (post(server, "sample", temperature="hot"), 400, "temperature must be a number"),
               (post(server, "sample", n=100000), 400, "out of range"),
               (requests.post(server + "api/sample", data="{", timeout=60), 400, "not JSON"),
@@ -271,6 +291,13 @@ def test_page_resamples_steers_interpolates_and_compares(page, tmp_path):
     page.wait_for_selector("#nearest img")
     page.click("#compare-button")
     page.wait_for_selector("#compare figure")
+    page.click("#decoders-button")
+    page.wait_for_selector("#decoders figure")
+    assert page.locator("#decoders figcaption").all_inner_texts() == ["sharp (adversarial)", "ELBO (exact likelihood)"]
+    sharp_grid = image_src(page, "#grid figure:first-child img")
+    page.select_option("#decoder", "elbo")
+    page.wait_for_function(f"document.querySelector('#grid img').src !== {sharp_grid!r}")
+    assert "decoder: elbo" in page.locator("#note").inner_text()
     assert page.locator("#interp img").count() == 10 and page.locator("#nearest img").count() == 7
     assert page.locator("#compare figure").count() == 2 and page.locator("#strip .strip-row").count() == 8
     assert page.get_attribute("#big a.dl", "href").startswith("data:image/png;base64,")

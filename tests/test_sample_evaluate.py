@@ -1,7 +1,9 @@
 """Sampling sheets, their error paths, and the evaluation numbers, on tiny models trained for a few steps
 (conftest.py: `tiny_runs`, trained once per session; `runs_copy` where a test writes beside a checkpoint)."""
+import itertools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,15 +31,15 @@ def test_sampling_by_obs_std_is_deterministic_for_a_seed(tiny_runs, tmp_path):
 
 
 def test_default_output_names_say_what_was_drawn(runs_copy):
-    path = sample(runs_copy, "noise=true", "n=16").stdout.strip().splitlines()[-1]
-    assert path.endswith("samples_gmm_noisy_seed0.png") and Image.open(path).size == (8 * 66 + 2, 2 * 66 + 2)
+    path = sample(runs_copy, "noise=true", "decoder=elbo", "n=16").stdout.strip().splitlines()[-1]
+    assert path.endswith("samples_gmm_noisy_seed0_elbo.png") and Image.open(path).size == (8 * 66 + 2, 2 * 66 + 2)
     path = sample(runs_copy, "prior=normal", "n=8").stdout.strip().splitlines()[-1]
-    assert path.endswith("samples_normal_means_seed0.png")
+    assert path.endswith("samples_normal_means_seed0_sharp.png")
     for sheet in ("recon", "interp"):
         path = sample(runs_copy, f"sheet={sheet}", "n=16").stdout.strip().splitlines()[-1]
-        assert path.endswith(f"{sheet}_seed0.png") and Image.open(path).size == (8 * 66 + 2, 66 * (4 if sheet == "recon" else 2) + 2)
+        assert path.endswith(f"{sheet}_seed0_sharp.png") and Image.open(path).size == (8 * 66 + 2, 66 * (4 if sheet == "recon" else 2) + 2)
     path = sample(runs_copy, "prior=gmm", "gmm_components=3", "n=8").stdout.strip().splitlines()[-1]
-    assert path.endswith("samples_gmm_means_seed0.png")
+    assert path.endswith("samples_gmm_means_seed0_sharp.png")
     assert list(runs_copy.rglob("gmm_k3_*.pt"))  # not the stored 4-component prior: fitted and cached
     path = sample(runs_copy, "sheet=obs_std").stdout.strip().splitlines()[-1]
     assert Image.open(path).height == 2 * 66 + 2  # two runs_copy obs_std values: two rows
@@ -100,16 +102,19 @@ def test_evaluate_writes_metrics_json_with_every_number(runs_copy, tiny_data, tm
     metrics = json.loads(open(path).read())
     assert metrics["n"] == 12 and metrics["obs_std"] == 0.1 and metrics["test_bpd"] > 0
     assert metrics["floor_train_vs_test"]["fid"] >= 0
-    for prior in ("normal", "gmm"):
-        p = metrics["priors"][prior]
-        assert p["fid"] > 0 and p["sharpness_ratio"] > 0 and p["memorisation_ratio"] > 0
+    for decoder, prior in itertools.product(("priors", "sharp_priors"), ("normal", "gmm")):
+        p = metrics[decoder][prior]
+        assert p["fid"] > 0 and p["sharpness_ratio"] > 0 and p["memorisation_ratio"] > 0 and 0 <= p["near_copies"] <= 1
         assert p["reference"]["fid"] > 0 and p["reference"]["kid"] != p["kid"]
+    assert metrics["priors"]["gmm"]["fid"] != metrics["sharp_priors"]["gmm"]["fid"]
+    assert (Path(path).parent / "nearest_gmm_sharp.png").exists() and (Path(path).parent / "nearest_gmm.png").exists()
     assert metrics["reference"]["n"] == 6 and metrics["reference"]["floor_train_vs_reference"]["fid"] >= 0
     assert "| 0.1 |" in proc.stdout and f"({metrics['reference']['floor_train_vs_reference']['fid']:.1f}) |" \
         in proc.stdout
     assert metrics["fid_reliable"] is False and "n=12: an FID from fewer than 2000 samples" in proc.stdout
     report = run_module("pipeline.evaluate", f"paths.output_dir={runs_copy}", "report=true")
-    assert report.stdout.count("| 0.1 |") == 2 and "| 0.3 |" not in report.stdout  # only the evaluated run
+    assert report.stdout.count("| 0.1 |") == 4 and "| 0.3 |" not in report.stdout  # only the evaluated run
+    assert report.stdout.count("| sharp |") == 2 and report.stdout.count("| elbo |") == 2
 
 
 def test_a_multirun_sweep_over_obs_std_gives_one_sheet_row_per_value(tiny_data, tmp_path):
@@ -134,18 +139,19 @@ def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp
     """Training stores its fitted mixture as prior.pt; sampling then needs only the run folder."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    run_module("pipeline.train", *train_args(data, tmp_path / "out", "train.max_steps=12"))
+    run_module("pipeline.train", *train_args(data, tmp_path / "out", "train.max_steps=12", sharp_steps=6))
     run_dir = next((tmp_path / "out").rglob("ckpt.pt")).parent
     stored = torch.load(run_dir / "prior.pt", weights_only=True)
-    assert stored["kind"] == "gmm" and stored["components"] == 4 and stored["step"] == 12
+    assert stored["kind"] == "gmm" and stored["components"] == 4 and stored["step"] == 12  # the encoder's step
     with_data = sample(tmp_path / "out", "+obs_std=0.1", f"out={tmp_path}/with.png")
-    assert "prior: gmm (the run's stored prior)" in with_data.stdout
+    assert "prior: gmm (the run's stored prior)" in with_data.stdout and "sharp decoder" in with_data.stdout
 
     shutil.move(data, tmp_path / "moved")  # the run folder alone, as if copied to another machine
     sample(tmp_path / "out", "+obs_std=0.1", f"out={tmp_path}/without.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "with.png")),
                           np.asarray(Image.open(tmp_path / "without.png")))
     sample(tmp_path / "out", "+obs_std=0.1", "sheet=obs_std")
+    sample(tmp_path / "out", "+obs_std=0.1", "decoder=elbo", "noise=true")
     proc = sample(tmp_path / "out", "sheet=recon", check=False)
     assert proc.returncode == 2 and f"test split not found at {data}/test.npy" in proc.stderr
     proc = sample(tmp_path / "out", "prior=gmm", "gmm_components=3", check=False)
@@ -203,9 +209,31 @@ def test_a_bad_value_is_one_line_from_a_process_of_its_own(tiny_runs, module, ar
 
 def test_out_may_name_a_folder_or_a_file(tiny_runs, tmp_path):
     assert sample(tiny_runs, f"out={tmp_path}", "n=4").stdout.strip().splitlines()[-1] == \
-        str(tmp_path / "samples_gmm_means_seed0.png")
-    assert (tmp_path / "samples_gmm_means_seed0.png").is_file()
+        str(tmp_path / "samples_gmm_means_seed0_sharp.png")
+    assert (tmp_path / "samples_gmm_means_seed0_sharp.png").is_file()
     (tmp_path / "blocker").write_text("a file where a folder should be")
     proc = run_module("pipeline.sample", f"paths.output_dir={tmp_path / 'blocker'}", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot write {tmp_path / 'blocker'}")
     assert "Traceback" not in proc.stderr and (tmp_path / "blocker").read_text() == "a file where a folder should be"
+
+
+def test_the_sharp_decoder_draws_by_default_and_decoder_elbo_draws_the_exact_one(tiny_runs, tmp_path):
+    sharp = sample(tiny_runs, "+obs_std=0.1", f"out={tmp_path}/sharp.png")
+    assert "sharp decoder" in sharp.stderr + sharp.stdout
+    elbo = sample(tiny_runs, "+obs_std=0.1", "decoder=elbo", f"out={tmp_path}/elbo.png")
+    assert "elbo decoder (decoder=elbo; the run also has a sharp one)" in elbo.stderr + elbo.stdout
+    explicit = sample(tiny_runs, "+obs_std=0.1", "decoder=sharp", f"out={tmp_path}/explicit.png")
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in ("sharp", "elbo", "explicit"))
+    assert not np.array_equal(a, b) and np.array_equal(a, c)  # same codes, two decoders
+    old = sample(tiny_runs, "+obs_std=0.3", "n=4", f"out={tmp_path}/old.png")
+    assert "elbo decoder" in old.stdout + old.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+obs_std=0.3", "decoder=sharp"], "has no sharp decoder"),
+    (["+obs_std=0.1", "decoder=blurry"], "decoder='blurry'"),
+    (["+obs_std=0.1", "noise=true"], "add decoder=elbo"),
+])
+def test_decoder_mistakes_are_one_line(tiny_runs, args, message):
+    proc = sample(tiny_runs, *args, "n=4", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

@@ -50,6 +50,12 @@ def test_eval_every_spaces_the_test_elbo_and_grids_and_the_last_step_is_always_e
         ["samples_epoch002.png", "samples_epoch004.png", "samples_epoch005.png"]
 
 
+def every_tensor(ckpt: dict) -> dict:
+    """The VAE's weights, their average (train.ema) and the sharp decoder's phase, by one flat name each."""
+    parts = {"ema": ckpt.get("ema", {}), **{k: ckpt["sharp"][k] for k in ("decoder", "disc")}}
+    return {**ckpt["model"], **{f"{part}.{k}": v for part, tensors in parts.items() for k, v in tensors.items()}}
+
+
 def wait_for_checkpoint(path, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -67,13 +73,13 @@ def start_training(args):
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
 def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path, ema):
-    common = ["train.max_steps=80", "train.ckpt_every=5", "train.num_threads=2", ema]  # one thread count throughout
-    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common))
-    straight_ckpt = load_checkpoint(only_run(tmp_path / "straight") / "ckpt.pt")
-    straight = {**straight_ckpt["model"], **{f"ema.{k}": v for k, v in straight_ckpt.get("ema", {}).items()}}
+    # one thread count throughout; the VAE's 80 steps, then 10 of the sharp decoder: the resume crosses the phases
+    common = ["train.max_steps=80", "train.ckpt_every=5", "train.num_threads=2", ema]
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common, sharp_steps=10))
+    straight = every_tensor(load_checkpoint(only_run(tmp_path / "straight") / "ckpt.pt"))
 
     out = tmp_path / "killed"
-    proc = start_training(train_args(tiny_data, out, *common))
+    proc = start_training(train_args(tiny_data, out, *common, sharp_steps=10))
     ckpt_dir = None
     deadline = time.monotonic() + 120
     while ckpt_dir is None and time.monotonic() < deadline and proc.poll() is None:
@@ -85,11 +91,10 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
     assert ckpt_dir is not None, "no checkpoint appeared before the run ended"
     killed_at = load_checkpoint(ckpt_dir / "ckpt.pt")["step"]
     assert killed_at < 80, "the run finished before it could be killed"
-    run_module("pipeline.train", *train_args(tiny_data, out, *common, f"resume={ckpt_dir}"))
-    resumed_ckpt = load_checkpoint(ckpt_dir / "ckpt.pt")
-    resumed = {**resumed_ckpt["model"], **{f"ema.{k}": v for k, v in resumed_ckpt.get("ema", {}).items()}}
-    assert ("ema.project.weight" in resumed) == (ema == "train.ema=0.9")
-    assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 80
+    run_module("pipeline.train", *train_args(tiny_data, out, *common, f"resume={ckpt_dir}", sharp_steps=10))
+    resumed = every_tensor(load_checkpoint(ckpt_dir / "ckpt.pt"))
+    assert ("ema.project.weight" in resumed) == (ema == "train.ema=0.9") and "disc.net.0.weight" in resumed
+    assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 90
     assert torch.load(ckpt_dir / "prior.pt", weights_only=True)["step"] == 80  # refitted when the resumed run ended
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
     steps = [int(r["step"]) for r in csv.DictReader(open(ckpt_dir / "metrics.csv"))]
@@ -99,20 +104,24 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path):
-    proc = start_training(train_args(tiny_data, tmp_path, "train.max_steps=100000", "train.ckpt_every=100000"))
+@pytest.mark.parametrize("phase", ["vae", "sharp"])
+def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path, phase):
+    steps = ["train.max_steps=100000"] if phase == "vae" else ["train.max_steps=10"]
+    proc = start_training(train_args(tiny_data, tmp_path, *steps, "train.ckpt_every=100000",
+                                     sharp_steps=100000 if phase == "sharp" else 0))
     metrics = None
     deadline = time.monotonic() + 120
-    while metrics is None and time.monotonic() < deadline:
+    while metrics is None and time.monotonic() < deadline:  # two rows logged (three in the sharp phase)
         found = list(tmp_path.rglob("metrics.csv"))
-        metrics = found[0] if found and len(found[0].read_text().splitlines()) > 2 else None
+        metrics = found[0] if found and len(found[0].read_text().splitlines()) > (2 if phase == "vae" else 3) else None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     err, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    step = load_checkpoint(metrics.parent / "ckpt.pt")["step"]
-    assert 10 <= step < 100000
-    assert torch.load(metrics.parent / "prior.pt", weights_only=True)["step"] == step  # stored before exiting
+    ckpt = load_checkpoint(metrics.parent / "ckpt.pt")
+    assert 10 <= ckpt["step"] < 100000 and ("sharp" in ckpt) == (phase == "sharp")
+    assert torch.load(metrics.parent / "prior.pt", weights_only=True)["step"] == ckpt["encoder_step"]
+    assert ckpt["encoder_step"] == (ckpt["step"] if phase == "vae" else 10)  # stored before exiting
     assert "resume with" in err
 
 
@@ -120,14 +129,15 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path):
 def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=12")],
+                           "-m", "pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=12", sharp_steps=4)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path)
     assert [p.name for p in (tmp_path / "train").rglob("*") if p.is_dir() and p.parent.name.startswith("obs_std-")] \
         == [run.name]
-    assert load_checkpoint(run / "ckpt.pt")["step"] == 12
-    assert len(load_checkpoint(run / "ckpt.pt")["rng"]) == 2
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert ckpt["step"] == 16 and ckpt["sharp"]["steps_done"] == 4  # the sharp phase's gradients averaged by hand
+    assert len(ckpt["rng"]) == 2
     assert not (ROOT / ".hydra").exists()
 
 

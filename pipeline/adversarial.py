@@ -1,0 +1,241 @@
+"""The sharp decoder's training: a patch discriminator, its losses and DiffAugment, and the phase that
+fine-tunes a copy of the ELBO decoder after the VAE has trained.
+
+A Gaussian decoder trained on the ELBO predicts the mean of every face a code could be, so it is blurry
+by design. The sharp decoder starts as a copy of it and learns, on the frozen encoder's codes (posterior
+draws of the training faces), to reconstruct them (L1) while a PatchGAN discriminator tells its faces
+from real ones, as the KL-regularised autoencoder of latent diffusion does: the adversarial term's
+weight is set each step from the ratio of gradient norms at the decoder's last layer. DiffAugment
+(colour, translation, cutout) on both of the discriminator's inputs keeps it from memorising 15k faces.
+The encoder, the ELBO decoder, the stored prior and every reported ELBO stay exactly the VAE's.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.config import key
+from pipeline.model import VAE
+
+# the sharp decoder's state in a checkpoint: these VAE keys (the encoder is the ELBO model's)
+DECODER_PREFIXES = ("project.", "decoder.")
+
+
+@dataclass
+class SharpConfig:
+    """The keys of conf/sharp/default.yaml, their types and ranges."""
+    epochs: int = key(low=0)
+    max_steps: int | None = key(low=0)
+    lr: float = key(low=1e-12)
+    disc_lr: float = key(low=1e-12)
+    disc_width: int = key(low=1)
+    disc_layers: int = key(low=1, high=4)
+    adv_weight: float = key(low=0)
+    adaptive: bool = key()
+    warmup_steps: int = key(low=0)
+    loss: str = key(choices=("hinge", "nonsaturating"))
+    diffaugment: bool = key()
+    codes: str = key(choices=("posterior", "mean"))
+    ema: float = key(low=0, high=0.999999)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix, latent diffusion's autoencoder): `layers` stride-2 4x4 convs, then two stride-1 ones;
+    one real/fake logit per overlapping patch (receptive field 34 px with 2 layers, 70 px with 3)."""
+
+    def __init__(self, width=32, layers=3):
+        super().__init__()
+        blocks = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        channels = width
+        for i in range(1, layers + 1):
+            out = width * min(2 ** i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(channels, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            channels = out
+        blocks.append(nn.Conv2d(channels, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.net(x * 2 - 1).float()
+
+
+def diff_augment(x: torch.Tensor) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020), differentiable: random brightness, saturation and contrast, a
+    translation by up to 1/8 of the side (zero padded) and a cutout of half the side, per image."""
+    n, device = len(x), x.device
+    x = x + (torch.rand(n, 1, 1, 1, device=device) - 0.5)
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=device) * 2) + mean
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=device) + 0.5) + mean
+    return cutout(translate(x, 0.125), 0.5)
+
+
+def translate(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    n, _, h, w = x.shape
+    shift = int(h * ratio + 0.5)
+    dy, dx = (torch.randint(-shift, shift + 1, (2, n, 1, 1), device=x.device))
+    rows = (torch.arange(h, device=x.device)[None, :, None] + dy).clamp(-1, h)
+    cols = (torch.arange(w, device=x.device)[None, None, :] + dx).clamp(-1, w)
+    padded = F.pad(x, [1, 1, 1, 1])
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows + 1, cols + 1].permute(0, 3, 1, 2)
+
+
+def cutout(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    n, _, h, w = x.shape
+    size = int(h * ratio + 0.5)
+    top = torch.randint(0, h + (1 - size % 2), (n, 1, 1), device=x.device) - size // 2
+    left = torch.randint(0, w + (1 - size % 2), (n, 1, 1), device=x.device) - size // 2
+    rows = torch.arange(h, device=x.device)[None, :, None]
+    cols = torch.arange(w, device=x.device)[None, None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+def discriminator_loss(real_logits, fake_logits, kind: str) -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits, kind: str) -> torch.Tensor:
+    return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+
+
+def adaptive_weight(rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """||d rec / d W|| / ||d adv / d W|| at the decoder's last layer W (latent diffusion's autoencoder): the
+    adversarial term pulls as hard as the reconstruction, whatever their scales."""
+    rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def last_layer(model: VAE) -> torch.Tensor:
+    return [p for p in model.decoder.parameters() if p.dim() == 4][-1]
+
+
+def decoder_state(model: VAE) -> dict:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(DECODER_PREFIXES)}
+
+
+def with_decoder(model: VAE, state: dict) -> VAE:
+    """A copy of `model` (its encoder) with the sharp decoder's weights."""
+    sharp = copy.deepcopy(model)
+    missing = set(decoder_state(sharp)) - set(state)
+    unexpected = set(state) - set(decoder_state(sharp))
+    if missing or unexpected:
+        raise ValueError(f"the sharp decoder's tensors do not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    sharp.load_state_dict({**sharp.state_dict(), **state})
+    return sharp
+
+
+class SharpPhase:
+    """The sharp decoder (a copy of the VAE with its own decoder weights), the discriminator, their
+    optimizers, and one training step of both. Gradients are averaged over ranks by hand (the two
+    adversarial passes and the adaptive weight's autograd.grad do not fit DistributedDataParallel)."""
+
+    def __init__(self, cfg: SharpConfig, vae: VAE, seed: int, channels_last: bool):
+        self.cfg = cfg
+        self.vae = vae
+        self.decoder = copy.deepcopy(vae).train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.disc = PatchDiscriminator(cfg.disc_width, cfg.disc_layers).to(next(vae.parameters()).device)
+        if channels_last:
+            self.disc = self.disc.to(memory_format=torch.channels_last)
+        params = [p for name, p in self.decoder.named_parameters() if name.startswith(DECODER_PREFIXES)]
+        self.opt_g = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+        self.average = AveragedModel(self.decoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
+            if cfg.ema else None
+        self.steps_done = 0
+
+    @property
+    def sampler(self) -> VAE:
+        """The sharp decoder that makes pictures: the moving average of its weights when sharp.ema > 0."""
+        return self.average.module if self.average is not None else self.decoder
+
+    def state_dict(self) -> dict:
+        """"decoder" is what samples (the average, with sharp.ema); the trained weights are "trained" then."""
+        averaged = {"trained": decoder_state(self.decoder), "ema_n": int(self.average.n_averaged)} \
+            if self.average is not None else {}
+        return {"decoder": decoder_state(self.sampler), **averaged, "disc": self.disc.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.average is not None:
+            self.average.module.load_state_dict({**self.average.module.state_dict(), **state["decoder"]})
+            self.average.n_averaged.fill_(state["ema_n"])
+        trained = state["trained"] if self.average is not None else state["decoder"]
+        self.decoder.load_state_dict({**self.decoder.state_dict(), **trained})
+        self.disc.load_state_dict(state["disc"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.steps_done = state["steps_done"]
+
+    def augment(self, x):
+        return diff_augment(x) if self.cfg.diffaugment else x
+
+    def step(self, x: torch.Tensor, autocast, world: int) -> torch.Tensor:
+        """One step of the decoder, then of the discriminator: (reconstruction L1, generator loss,
+        discriminator loss, adversarial weight), detached."""
+        self.vae.eval()
+        with torch.no_grad(), autocast:
+            mu, logvar = self.vae.encode(x)
+        z = mu if self.cfg.codes == "mean" else mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        with autocast:
+            fake = torch.sigmoid(self.decoder.decode(z))
+        rec = (fake - x).abs().mean()
+        adversarial = self.steps_done >= self.cfg.warmup_steps and self.cfg.adv_weight > 0
+        g_loss, weight = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+        if adversarial:
+            with autocast:
+                g_loss = generator_loss(self.disc(self.augment(fake)), self.cfg.loss)
+            weight = self.cfg.adv_weight * (adaptive_weight(rec, g_loss, last_layer(self.decoder))
+                                            if self.cfg.adaptive else 1.0)
+        self.opt_g.zero_grad(set_to_none=True)
+        (rec + weight * g_loss).backward()
+        average_gradients(self.opt_g, world)
+        self.opt_g.step()
+        if self.average is not None:
+            self.average.update_parameters(self.decoder)
+        d_loss = self.discriminator_step(x, fake.detach(), autocast, world) if adversarial else g_loss
+        self.steps_done += 1
+        return torch.stack([rec, g_loss, d_loss, torch.as_tensor(weight, device=x.device)]).detach().float()
+
+    def discriminator_step(self, real, fake, autocast, world: int) -> torch.Tensor:
+        with autocast:
+            loss = discriminator_loss(self.disc(self.augment(real)), self.disc(self.augment(fake)), self.cfg.loss)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.opt_d, world)
+        self.opt_d.step()
+        return loss
+
+
+def average_gradients(optimizer: torch.optim.Optimizer, world: int) -> None:
+    if world == 1:
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def sharp_steps(cfg: SharpConfig, steps_per_epoch: int) -> int:
+    """The phase's length: sharp.max_steps when set, else sharp.epochs of the training split."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def phase_split(vae_steps: int, sharp: int) -> str:
+    total = vae_steps + sharp
+    return f"{vae_steps} VAE steps then {sharp} sharp-decoder steps ({100 * sharp / max(total, 1):.0f}% of {total})" \
+        if sharp else f"{vae_steps} VAE steps (no sharp decoder: sharp.epochs=0)"
+

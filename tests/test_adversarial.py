@@ -1,0 +1,142 @@
+"""The sharp decoder: its discriminator and augmentations, and its phase inside `make train` (the VAE it
+follows is left exactly as it was, and the phase resumes exactly)."""
+import csv
+
+import pytest
+import torch
+
+from pipeline.adversarial import (PatchDiscriminator, adaptive_weight, cutout, decoder_state, diff_augment,
+                                  discriminator_loss, generator_loss, last_layer, translate, with_decoder)
+from pipeline.model import VAE
+from pipeline.runs import load_checkpoint
+from tests.helpers import run_module, train_args
+
+
+def only_run(out_dir):
+    runs = [p.parent for p in out_dir.rglob("ckpt.pt")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.parametrize("layers, patches", [(2, 14), (3, 6)])
+def test_the_discriminator_gives_one_logit_per_patch(layers, patches):
+    logits = PatchDiscriminator(width=8, layers=layers)(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 1, patches, patches)
+
+
+def test_translation_shifts_the_picture_and_pads_with_zeros():
+    torch.manual_seed(0)
+    x = torch.arange(64.0).reshape(1, 1, 8, 8).repeat(64, 3, 1, 1) + 1
+    moved = translate(x, 0.25)
+    assert moved.shape == x.shape
+    for image in moved:  # each is its original shifted by up to 2 px, the rest zero
+        kept = image[0][image[0] > 0]
+        assert len(kept) >= 36 and torch.all(torch.diff(kept.reshape(-1)) != 0)
+    assert any(not torch.equal(m, x[0]) for m in moved) and any(torch.equal(m, x[0]) for m in moved)
+
+
+def test_cutout_zeroes_one_square_of_half_the_side_at_most():
+    torch.manual_seed(0)
+    masked = cutout(torch.ones(50, 3, 16, 16), 0.5)
+    zeros = (masked[:, 0] == 0).flatten(1).sum(1)
+    assert zeros.max() == 64 and zeros.min() > 0  # 8 x 8 inside the picture, fewer where it leaves the edge
+    assert torch.equal(masked[:, 0], masked[:, 2])
+
+
+def test_diffaugment_is_differentiable_and_random_per_image():
+    x = torch.rand(4, 3, 64, 64, requires_grad=True)
+    out = diff_augment(x)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad is not None and x.grad.abs().sum() > 0
+    assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("kind", ["hinge", "nonsaturating"])
+def test_losses_prefer_real_high_and_fake_low(kind):
+    high, low = torch.full((4, 1, 6, 6), 3.0), torch.full((4, 1, 6, 6), -3.0)
+    assert discriminator_loss(high, low, kind) < discriminator_loss(low, high, kind)
+    assert generator_loss(high, kind) < generator_loss(low, kind)
+
+
+def test_the_adaptive_weight_balances_the_two_gradients_at_the_last_layer():
+    model = VAE(width=8, depth=4, latent_dim=8, decoder_width=8)
+    out = torch.sigmoid(model.decode(torch.randn(2, 8)))
+    rec, adv = out.mean(), 1000 * out.mean()  # the same direction, 1000x the scale
+    weight = adaptive_weight(rec, adv, last_layer(model))
+    assert torch.isclose(weight, torch.tensor(1e-3), rtol=1e-2)
+
+
+def test_a_sharp_decoder_keeps_the_encoder_and_refuses_other_shapes():
+    model = VAE(width=8, depth=4, latent_dim=8, decoder_width=8)
+    other = VAE(width=8, depth=4, latent_dim=8, decoder_width=16)
+    state = {k: v + 1 for k, v in decoder_state(model).items()}
+    sharp = with_decoder(model, state)
+    assert torch.equal(sharp.encoder[0][0].weight, model.encoder[0][0].weight)
+    assert torch.equal(sharp.project.weight, model.project.weight + 1)
+    with pytest.raises((ValueError, RuntimeError)):
+        with_decoder(model, decoder_state(other))
+    with pytest.raises(ValueError, match="missing"):
+        with_decoder(model, {})
+
+
+def test_the_sharp_phase_leaves_the_vae_exactly_as_it_was(tiny_data, tmp_path):
+    common = ["train.max_steps=12", "train.num_threads=2"]
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "vae", *common))
+    proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path / "both", *common, sharp_steps=12))
+    assert "12 VAE steps then 12 sharp-decoder steps" in proc.stdout
+    vae, both = (load_checkpoint(only_run(tmp_path / k) / "ckpt.pt") for k in ("vae", "both"))
+    assert both["step"] == 24 and both["vae_steps"] == 12 and both["encoder_step"] == 12 and "sharp" not in vae
+    for name, value in vae["model"].items():  # encoder, ELBO decoder, BatchNorm statistics: untouched
+        assert torch.equal(value, both["model"][name]), name
+    changed = [k for k, v in both["sharp"]["decoder"].items() if not torch.equal(v, both["model"][k])]
+    assert changed and all(k.startswith(("project.", "decoder.")) for k in both["sharp"]["decoder"])
+    run = only_run(tmp_path / "both")
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows if r["test_elbo"]] == ["12"]  # the ELBO is the VAE's, reported once
+    assert all(float(r["sharp_rec_l1"]) > 0 for r in rows if int(r["step"]) > 12)
+    assert torch.load(run / "prior.pt", weights_only=True)["step"] == 12  # fitted on the encoder's codes
+    assert (run / "sharp_samples_epoch001.png").exists() or list(run.glob("sharp_samples_epoch*.png"))
+
+
+@pytest.mark.parametrize("average", ["sharp.ema=0", "sharp.ema=0.9"])
+def test_a_resumed_sharp_phase_gives_the_same_weights_as_an_uninterrupted_one(tiny_data, tmp_path, average):
+    common = ["train.max_steps=10", "train.ckpt_every=5", "train.num_threads=2", average]
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common, sharp_steps=16))
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "stopped", *common, sharp_steps=7))
+    stopped = only_run(tmp_path / "stopped")
+    assert "sharp" in load_checkpoint(stopped / "ckpt.pt")
+    proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path / "stopped", *common,
+                                                     f"resume={stopped}", sharp_steps=16))
+    assert "resuming" in proc.stdout
+    straight, resumed = (load_checkpoint(d / "ckpt.pt") for d in (only_run(tmp_path / "straight"), stopped))
+    assert resumed["step"] == straight["step"] == 26
+    assert ("trained" in resumed["sharp"]) == (average == "sharp.ema=0.9")  # the average samples, "trained" trains
+    for part in ("decoder", "disc", *(["trained"] if "trained" in resumed["sharp"] else [])):
+        for name, value in straight["sharp"][part].items():
+            assert torch.allclose(value.float(), resumed["sharp"][part][name].float(), rtol=1e-5, atol=1e-6), name
+    # once the phase has begun its settings are part of what the run means
+    refused = run_module("pipeline.train", *train_args(tiny_data, tmp_path / "stopped", *common,
+                                                        f"resume={stopped}", "sharp.adv_weight=2", sharp_steps=20),
+                         check=False)
+    assert refused.returncode == 2 and "sharp.adv_weight=2" in refused.stderr
+
+
+def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_path):
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=8"))
+    run = only_run(tmp_path)
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=8", f"resume={run}",
+                                             "sharp.loss=nonsaturating", "sharp.diffaugment=false", sharp_steps=4))
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert ckpt["step"] == 12 and ckpt["sharp"]["steps_done"] == 4
+    assert "sharp.loss" in (run / "resumes.jsonl").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sharp.loss=wasserstein"], "sharp.loss='wasserstein'"),
+    (["sharp.disc_layers=9"], "sharp.disc_layers=9 is out of range"),
+    (["sharp.adv_weight=-1"], "sharp.adv_weight=-1"),
+])
+def test_bad_sharp_settings_are_one_line(tiny_data, tmp_path, args, message):
+    proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path, *args), check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("ckpt.pt"))
