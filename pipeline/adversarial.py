@@ -40,20 +40,22 @@ class SharpConfig:
     diffaugment: bool = key()
     codes: str = key(choices=("posterior", "mean"))
     ema: float = key(low=0, high=0.999999)
+    disc_norm: str = key(choices=("batch", "none"))
 
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix, latent diffusion's autoencoder): `layers` stride-2 4x4 convs, then two stride-1 ones;
     one real/fake logit per overlapping patch (receptive field 34 px with 2 layers, 70 px with 3)."""
 
-    def __init__(self, width=32, layers=3):
+    def __init__(self, width=32, layers=3, norm="batch"):
         super().__init__()
         blocks = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         channels = width
         for i in range(1, layers + 1):
             out = width * min(2 ** i, 8)
             stride = 2 if i < layers else 1
-            blocks += [nn.Conv2d(channels, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            normed = [nn.BatchNorm2d(out)] if norm == "batch" else []
+            blocks += [nn.Conv2d(channels, out, 4, stride, 1, bias=not normed), *normed, nn.LeakyReLU(0.2)]
             channels = out
         blocks.append(nn.Conv2d(channels, 1, 4, 1, 1))
         self.net = nn.Sequential(*blocks)
@@ -145,7 +147,8 @@ class SharpPhase:
         self.decoder = copy.deepcopy(vae).train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.disc = PatchDiscriminator(cfg.disc_width, cfg.disc_layers).to(next(vae.parameters()).device)
+            disc = PatchDiscriminator(cfg.disc_width, cfg.disc_layers, cfg.disc_norm)
+            self.disc = disc.to(next(vae.parameters()).device)
         if channels_last:
             self.disc = self.disc.to(memory_format=torch.channels_last)
         params = [p for name, p in self.decoder.named_parameters() if name.startswith(DECODER_PREFIXES)]

@@ -18,9 +18,11 @@ def only_run(out_dir):
     return runs[0]
 
 
-@pytest.mark.parametrize("layers, patches", [(2, 14), (3, 6)])
-def test_the_discriminator_gives_one_logit_per_patch(layers, patches):
-    logits = PatchDiscriminator(width=8, layers=layers)(torch.rand(2, 3, 64, 64))
+@pytest.mark.parametrize("layers, patches, norm", [(2, 14, "batch"), (3, 6, "batch"), (3, 6, "none")])
+def test_the_discriminator_gives_one_logit_per_patch(layers, patches, norm):
+    disc = PatchDiscriminator(width=8, layers=layers, norm=norm)
+    logits = disc(torch.rand(2, 3, 64, 64))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules()) == (norm == "batch")
     assert logits.shape == (2, 1, patches, patches)
 
 
