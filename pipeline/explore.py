@@ -185,6 +185,7 @@ class LoadedRun:
     def strip(self, decoder: str | None = None) -> list[dict]:
         """What each direction does: the mean code moved from -2.5 to +2.5 standard deviations along it."""
         self.model_for(decoder)
+        decoder = self.run.decoder_name if decoder in (None, "", "auto") else decoder  # one cache entry per model
         with self.lock:
             if decoder not in self._strip:
                 k = min(self.settings.directions, self.latent_dim)
