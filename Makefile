@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: all help install test test-fast data train sample eval explore sweep bench clean
+.PHONY: all help install test test-fast data train sample eval explore export sweep bench clean
 
 all: data train eval sample
 
@@ -12,7 +12,7 @@ help:
 	@echo "make all        the whole job: data, train, eval, sample"
 	@echo "make test       the whole test suite (what CI runs; under 10 minutes on 2 cores)"
 	@echo "make test-fast  everything but the tests marked slow: the edit-test loop (under 2 minutes)"
-	@echo "make data | train | eval | sample | explore | sweep | bench   one stage (ARGS=\"key=value ...\")"
+	@echo "make data | train | eval | sample | explore | export | sweep | bench   one stage (ARGS=\"key=value ...\")"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ eval: install
 
 explore: install
 	$(PY) -m pipeline.explore $(ARGS)
+
+export: install
+	$(PY) -m pipeline.export $(ARGS)
 
 # obs_std values to compare with `make sweep`
 SWEEP ?= 0.03,0.1,0.3

@@ -10,7 +10,6 @@ in memory; the principal directions of a run's codes are computed once and store
 """
 import asyncio
 import base64
-import copy
 import io
 import logging
 import math
@@ -24,7 +23,7 @@ import hydra
 import numpy as np
 import torch
 import uvicorn
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +33,8 @@ from starlette.routing import Route
 
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.faces import DetectorConfig, face_tiles, load_cascade, resolve_cascade
+from pipeline.faces import (CascadeError, DetectorConfig, face_tiles, load_cascade, only_detector_keys,
+                            resolve_cascade)
 from pipeline.images import load_image, on_white, to_uint8
 from pipeline.io import atomic_write
 from pipeline.prior import sample_latents
@@ -116,15 +116,19 @@ def principal_directions(run: Run, prior: dict | None) -> dict:
     _, singular, vh = torch.linalg.svd(codes - mean, full_matrices=False)
     directions = {"mean": mean, "directions": vh, "std": singular / math.sqrt(max(len(codes) - 1, 1)),
                   "variance": (singular ** 2 / (singular ** 2).sum()), "source": source, "step": run.ckpt["step"]}
-    atomic_write(path, lambda f: torch.save(directions, f))
+    try:
+        atomic_write(path, lambda f: torch.save(directions, f))
+    except OSError as err:  # a read-only folder (an export as it was handed over) is explored all the same
+        log.warning("could not store the principal directions in %s (%s): computed again next start", path,
+                    err.strerror)
     return directions
 
 
 class LoadedRun:
     """One run, loaded once: its model, its stored prior, its principal directions, its training faces."""
 
-    def __init__(self, ckpt: Path, device: torch.device, settings):
-        self.run = Run(ckpt, device)
+    def __init__(self, ckpt: Path, device: torch.device, settings, data_dir="data"):
+        self.run = Run(ckpt, device, data_dir=data_dir)
         self.settings = settings
         self.latent_dim = self.run.model.latent_dim
         self.prior_note = ""
@@ -242,8 +246,8 @@ class Explorer:
         self.obs_stds = {ckpt: obs_std for obs_std, ckpt in newest.items()}
         self.loaded: dict[str, LoadedRun] = {}
         self.lock = threading.Lock()
-        self._cascade = None
         self.get("0")  # the first run is ready before the server starts
+        self.detector, self.uploads_off = self.find_detector()
 
     def get(self, run_id) -> LoadedRun:
         run_id = str(run_id)
@@ -251,7 +255,8 @@ class Explorer:
             raise BadRequest(f"run={run_id!r} is not one of this explorer's runs ({', '.join(self.ckpts)})", 404)
         with self.lock:
             if run_id not in self.loaded:
-                self.loaded[run_id] = LoadedRun(self.ckpts[run_id], self.device, self.cfg.explore)
+                self.loaded[run_id] = LoadedRun(self.ckpts[run_id], self.device, self.cfg.explore,
+                                                self.cfg.paths.data_dir)
         return self.loaded[run_id]
 
     def runs(self) -> list[dict]:
@@ -276,11 +281,16 @@ class Explorer:
             rows.append({"run": run_id, "obs_std": loaded.run.obs_std, "images": loaded.images(z), "note": ""})
         return sorted(rows, key=lambda r: r["obs_std"])
 
-    def cascade(self):
-        with self.lock:
-            if self._cascade is None:
-                self._cascade = load_cascade(resolve_cascade(self.cfg.crop))
-        return self._cascade
+    def find_detector(self):
+        """The crop stage's detector for uploads, found before the page opens (crop.cascade, its cached copy,
+        an export folder's copy, then the pinned download); without one, the reason the page shows."""
+        copies = [c for c in (self.get("0").run.cascade_copy,) if c is not None]
+        try:
+            return load_cascade(resolve_cascade(self.cfg.crop, copies, timeout=10)), ""
+        except CascadeError as err:
+            note = f"Uploads are off: {err}; then start pipeline.explore again."
+            log.warning("%s", note)
+            return None, note
 
     def upload(self, run_id, name: str, data: bytes, decoder: str | None = None) -> dict:
         """The faces of an uploaded picture beside their reconstructions (and their codes, to steer)."""
@@ -302,13 +312,13 @@ class Explorer:
         except Exception as err:  # anything PIL cannot decode
             raise BadRequest(f"{name} is not a picture this app can read ({type(err).__name__}); "
                              "upload a PNG, JPEG, GIF, WebP or BMP") from None
-        faces = face_tiles(self.cascade(), rgb, alpha, OmegaConf.merge(crop, {"size": side}))
+        faces = face_tiles(self.detector, rgb, alpha, OmegaConf.merge(crop, {"size": side}))
         if faces:
             return np.stack([f["tile"] for f in faces]), f"{len(faces)} face(s) found by the crop stage's detector"
         height, width = rgb.shape[:2]
         if max(height, width) <= 4 * side and max(height, width) <= 1.25 * min(height, width):
             tile = Image.fromarray(on_white(rgb, alpha)).resize((side, side), Image.Resampling.LANCZOS)
-            tile = np.asarray(tile)[None]
+            tile = np.array(tile)[None]
             return tile, "no face found by the detector; a small square picture is taken as one face tile"
         raise BadRequest(f"no face found in {name}: the detector (lbpcascade_animeface) finds anime faces "
                          f"seen from the front, at least crop.min_size={crop.min_size} px; try another picture "
@@ -359,7 +369,8 @@ def endpoint(handler):
 async def runs_route(explorer: Explorer, request: Request):
     first = explorer.get("0")
     return {"runs": explorer.runs(), "directions": min(explorer.cfg.explore.directions, first.latent_dim),
-            "grid": explorer.cfg.explore.grid, "max_upload_mb": explorer.cfg.explore.max_upload_mb}
+            "grid": explorer.cfg.explore.grid, "max_upload_mb": explorer.cfg.explore.max_upload_mb,
+            "uploads_off": explorer.uploads_off}
 
 
 async def sample_route(explorer: Explorer, request: Request):
@@ -420,6 +431,8 @@ async def compare_route(explorer: Explorer, request: Request):
 
 async def upload_route(explorer: Explorer, request: Request):
     name = request.query_params.get("name") or "the picture"
+    if explorer.uploads_off:
+        raise BadRequest(explorer.uploads_off, 503)
     limit = int(explorer.cfg.explore.max_upload_mb * 2 ** 20)
     too_big = BadRequest(f"{name} is over the upload limit of {explorer.cfg.explore.max_upload_mb:g} MB "
                          "(explore.max_upload_mb)", 413)
@@ -491,15 +504,6 @@ def explore(cfg: DictConfig) -> None:
     log.info("exploring %s (obs_std=%g); %d run(s) to choose from", first, explorer.get("0").run.obs_std,
              len(explorer.ckpts))
     serve(make_app(explorer), sock)
-
-
-def only_detector_keys(cfg: DictConfig) -> DictConfig:
-    """The crop group's detector keys (the explorer has no input/output folders to crop)."""
-    detector = set(OmegaConf.structured(DetectorConfig).keys())
-    narrowed = copy.deepcopy(cfg)
-    with open_dict(narrowed):
-        narrowed.crop = OmegaConf.masked_copy(cfg.crop, [k for k in cfg.crop if k in detector])
-    return narrowed
 
 
 @hydra.main(config_path="../conf", config_name="explore", version_base="1.3")

@@ -1,5 +1,6 @@
 """Finding anime faces in a picture with lbpcascade_animeface, as the upstream example does, and cutting
 them out as square tiles. Shared by the crop stage (folders of images) and the explorer (uploads)."""
+import copy
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import requests
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.config import key
 from pipeline.errors import PipelineError
@@ -31,6 +33,16 @@ class DetectorConfig:
     max_pixels: int = key(low=1)
 
 
+def only_detector_keys(cfg: DictConfig) -> DictConfig:
+    """`cfg` with its crop group narrowed to the detector's keys (a stage that only detects faces has no
+    input/output folders to crop)."""
+    detector = set(OmegaConf.structured(DetectorConfig).keys())
+    narrowed = copy.deepcopy(cfg)
+    with open_dict(narrowed):
+        narrowed.crop = OmegaConf.masked_copy(cfg.crop, [k for k in cfg.crop if k in detector])
+    return narrowed
+
+
 class CascadeError(PipelineError):
     pass
 
@@ -39,8 +51,10 @@ def sha256_of(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def resolve_cascade(cfg) -> Path:
-    """Local path to the cascade XML: `cfg.cascade` itself, or the URL downloaded once and verified."""
+def resolve_cascade(cfg, copies=(), timeout: float = 60) -> Path:
+    """Local path to the cascade XML: `cfg.cascade` itself when it is a path; for a URL, the copy cached in
+    cascade_cache_dir (with the pinned sha256), else the first of `copies` there is (an export folder's:
+    the detector it was exported with), else the URL downloaded once and verified."""
     source = str(cfg.cascade)
     if not source.startswith(("http://", "https://")):
         path = Path(source)
@@ -51,9 +65,12 @@ def resolve_cascade(cfg) -> Path:
     path = Path(cfg.cascade_cache_dir) / Path(source).name
     if path.is_file() and sha256_of(path) == cfg.cascade_sha256:
         return path
+    for copy_path in map(Path, copies):
+        if copy_path.is_file():
+            return copy_path
     log.info("downloading the cascade from %s", source)
     try:
-        resp = requests.get(source, timeout=60)
+        resp = requests.get(source, timeout=timeout)
         resp.raise_for_status()
     except requests.RequestException as err:
         raise CascadeError(f"could not download the cascade from {source} ({err}); offline, pass a "

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.adversarial import with_decoder
+from pipeline.bundle import CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_prior
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
@@ -71,13 +72,10 @@ def list_runs(output_dir) -> list[dict]:
 
 
 def find_checkpoint(output_dir, obs_std=None, ckpt=None) -> Path:
-    """`ckpt` itself, else the newest run's checkpoint (with this obs_std, when given)."""
+    """`ckpt` itself (a ckpt.pt, a run folder, an export folder or its model.safetensors), else the newest
+    run's checkpoint (with this obs_std, when given)."""
     if ckpt:
-        path = Path(ckpt)
-        path = path / CKPT_NAME if path.is_dir() else path
-        if not path.is_file():
-            raise RunNotFound(f"ckpt={ckpt}: no checkpoint there")
-        return path
+        return given_checkpoint(Path(ckpt))
     runs = list_runs(output_dir)
     matching = [r for r in runs if obs_std is None or (r["obs_std"] is not None and
                                                         abs(float(r["obs_std"]) - float(obs_std)) < 1e-12)]
@@ -89,6 +87,20 @@ def find_checkpoint(output_dir, obs_std=None, ckpt=None) -> Path:
         raise RunNotFound(f"no run trained with obs_std={obs_std} under {output_dir}; trained obs_std values: "
                           f"{', '.join(map(str, trained))}. Train it with: {train_cmd}")
     raise RunNotFound(f"no trained run under {output_dir}. Train one with: {train_cmd}")
+
+
+def given_checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        if (path / CKPT_NAME).is_file():
+            return path / CKPT_NAME
+        if is_export(path):
+            return path / MODEL_FILE
+        raise RunNotFound(f"ckpt={path} is neither a run folder (no {CKPT_NAME}) nor an export folder (no "
+                          f"{MODEL_FILE} with a {CONFIG_FILE}): pass a run folder under outputs/ or a folder "
+                          "written by `python -m pipeline.export`")
+    if not path.is_file():
+        raise RunNotFound(f"ckpt={path}: no checkpoint there")
+    return path
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -139,11 +151,16 @@ def pick_decoder(asked: str, elbo: VAE, sharp: VAE | None, path) -> tuple[VAE, s
 
 
 class Run:
-    """A trained checkpoint, its model on the device, and the data it was trained on."""
+    """A trained checkpoint (or an export folder's model.safetensors), its model on the device, and the
+    data it was trained on (for an export: its split files under `data_dir`)."""
 
-    def __init__(self, ckpt_path: Path, device: torch.device, decoder: str = "auto"):
+    def __init__(self, ckpt_path: Path, device: torch.device, decoder: str = "auto", data_dir="data"):
         self.ckpt_path = Path(ckpt_path)
-        self.ckpt = load_checkpoint(self.ckpt_path)
+        self.exported = self.ckpt_path.suffix == ".safetensors"
+        self.ckpt = read_export(self.ckpt_path.parent) if self.exported else load_checkpoint(self.ckpt_path)
+        if self.exported:
+            self.ckpt["config"]["train"] = {k: str(Path(data_dir) / name)
+                                            for k, name in self.ckpt["config"]["train"].items()}
         self.elbo_model = model_from_checkpoint(self.ckpt, device)
         self.sharp_model = sharp_from_checkpoint(self.ckpt, self.elbo_model, self.ckpt_path)
         self.model, self.decoder_name = pick_decoder(decoder, self.elbo_model, self.sharp_model, self.ckpt_path)
@@ -169,7 +186,7 @@ class Run:
             return None, "normal"
         if name not in ("default", "gmm"):
             raise PipelineError(f"prior={name!r}: use default (the run's stored prior), normal or gmm")
-        stored = load_prior(self.ckpt_path.parent)
+        stored = self.stored_prior()
         usable = stored is not None and (name == "default" or answers(stored, components))
         if usable and (stored["step"] == self.encoder_step or not self.has_split("train")):
             if stored["step"] != self.encoder_step:
@@ -186,6 +203,15 @@ class Run:
             log.info("stored the fitted prior as %s", save_prior(self.ckpt_path.parent, prior))
             return prior, prior["kind"]
         return self.cached_gmm(components, seed), "gmm"
+
+    def stored_prior(self) -> dict | None:
+        return read_prior(self.ckpt_path.parent) if self.exported else load_prior(self.ckpt_path.parent)
+
+    @property
+    def cascade_copy(self) -> Path | None:
+        """The detector's cascade an export folder carries (uploads work where the folder goes)."""
+        path = self.ckpt_path.parent / CASCADE_FILE
+        return path if self.exported and path.is_file() else None
 
     def cached_gmm(self, components: int, seed: int) -> dict:
         cache = self.ckpt_path.parent / f"gmm_k{components}_step{self.encoder_step}_seed{seed}.pt"
@@ -216,4 +242,4 @@ def open_run(cfg) -> Run:
     """The run a sample/evaluate config asks for: `ckpt=`, else the newest (with `+obs_std=`); `decoder=`
     when the config has that key."""
     ckpt = find_checkpoint(cfg.paths.output_dir, obs_std=cfg.get("obs_std"), ckpt=cfg.ckpt)
-    return Run(ckpt, pick_device(str(cfg.device)), str(cfg.get("decoder", "auto")))
+    return Run(ckpt, pick_device(str(cfg.device)), str(cfg.get("decoder", "auto")), cfg.paths.data_dir)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 
+import cv2
 import numpy as np
 import pytest
 import requests
@@ -34,18 +35,19 @@ def runs(tiny_runs, tmp_path_factory):
 
 
 def local_cascade() -> str:
-    """The real cascade when the test data has it; else a missing path (uploads then say so)."""
+    """The real cascade when the test data has it; else OpenCV's own frontal-face cascade, which finds no
+    anime face but lets the upload checks run everywhere."""
     try:
         return str(realdata.root_for("cascade") / "cascade" / "lbpcascade_animeface.xml")
     except pytest.skip.Exception:
-        return "/nonexistent/lbpcascade_animeface.xml"
+        return cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
 
 
-def start(out, *args) -> tuple[subprocess.Popen, str, str]:
+def start(out, *args, cascade=None) -> tuple[subprocess.Popen, str, str]:
     """`python -m pipeline.explore` on a free port: the process, the URL it printed last, its log until then."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.explore", f"paths.output_dir={out}", "device=cpu",
-                             "explore.port=0", f"crop.cascade={local_cascade()}", *args], cwd=ROOT, env=env,
+                             "explore.port=0", f"crop.cascade={cascade or local_cascade()}", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = threading.Timer(300, proc.kill)
     timer.start()
@@ -318,3 +320,23 @@ def test_page_encodes_an_uploaded_picture_and_shows_bad_uploads(page, cascade, i
     text.write_text("not a picture")
     page.set_input_files("#upload", str(text))
     page.wait_for_function("document.querySelector('#message').innerText.includes('notes.txt is not a picture')")
+
+
+@pytest.mark.slow
+def test_without_a_cascade_the_page_says_uploads_are_off_and_the_api_refuses_them(browser, runs, tmp_path):
+    """A machine without network whose data/cascade/ is empty: said when the page opens, not at the first upload."""
+    proc, url, log = start(runs, f"crop.cascade_cache_dir={tmp_path}", cascade="/nowhere/lbpcascade_animeface.xml")
+    try:
+        off = requests.get(url + "api/runs", timeout=60).json()["uploads_off"]
+        assert off.startswith("Uploads are off: crop.cascade=/nowhere/lbpcascade_animeface.xml does not exist")
+        refused = upload(url, png_bytes(Image.new("RGB", (64, 64), "pink")), "tile.png")
+        assert refused.status_code == 503 and refused.json()["error"] == off
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+        assert page.is_disabled("#upload") and page.locator("#uploads-off").inner_text() == off
+        page.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert "Uploads are off" in log

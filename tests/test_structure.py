@@ -11,7 +11,7 @@ from tests import realdata
 from tests.getchu_site import GetchuSite, serve
 from tests.helpers import ROOT
 
-STAGES = {"scrape", "crop", "pack", "train", "sample", "evaluate", "data", "explore"}
+STAGES = {"scrape", "crop", "pack", "train", "sample", "evaluate", "data", "explore", "export"}
 PACKAGE = ROOT / "pipeline"
 
 
