@@ -44,14 +44,27 @@ class FaceModel:
         return (f"FaceModel({str(self.path)!r}, obs_std={self.obs_std:g}, step={self.step}, "
                 f"decoder={self.decoder!r}, latent_dim={self.latent_dim})")
 
-    def sample(self, n: int = 64, seed: int = 0, prior: str = "default", temperature: float = 1.0) -> np.ndarray:
+    def sample(self, n: int = 64, seed: int = 0, prior: str = "default", temperature: float = 1.0,
+               hair: str | None = None, steer: dict | None = None) -> np.ndarray:
         """n faces from the stored prior (prior="default"), N(0, I) ("normal") or a 100-component mixture
-        ("gmm"), decoded to pixel means: the same pixels as `python -m pipeline.sample n=N seed=SEED`."""
+        ("gmm"), decoded to pixel means: the same pixels as `python -m pipeline.sample n=N seed=SEED`.
+        hair="blue" draws faces of one of `hair_colours()`; steer={"blonde": 1, "glasses": 1.5} moves them
+        along named sliders (`sliders()`), as `hair=` and `+steer.NAME=V` do on the command line."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n={n!r}: ask for a whole number of faces, 1 or more")
-        distribution, _ = self.run.prior(prior, 100, seed)
+        if hair is not None and prior != "default":
+            raise ValueError(f"hair={hair!r} has its own distribution of codes: leave prior at 'default'")
+        distribution = self.run.hair_prior(hair) if hair is not None else self.run.prior(prior, 100, seed)[0]
         z = sample_latents(distribution, int(n), self.latent_dim, torch.Generator().manual_seed(seed), temperature)
-        return self.decode(z)
+        return self.decode(self.run.steered(z, steer or {}))
+
+    def hair_colours(self) -> list[str]:
+        """The hair colours `sample(hair=...)` takes for this run."""
+        return list(self.run.hair()["colours"])
+
+    def sliders(self) -> list[str]:
+        """The named sliders `sample(steer=...)` takes: one per hair colour, and those made in the explorer."""
+        return list(self.run.sliders()[0])
 
     def encode(self, images) -> np.ndarray:
         """Encoder means (float32 N x latent_dim) of faces of the model's size."""

@@ -3,7 +3,9 @@ safetensors weights and prior, a config.json, nothing pickled.
 
     model.safetensors   the VAE's state dict as the VAE names it (the weights that sample: the moving
                         average when the run kept one), plus "sharp.<name>" for the sharp decoder's tensors
-    prior.safetensors   the stored sampling prior (weights, means, cholesky); its fit in the metadata
+    prior.safetensors   the stored sampling prior (weights, means, cholesky; its fit in the metadata) and
+                        per hair colour its own Gaussian and the direction towards it
+    sliders.json        the sliders made in the explorer, as the run folder keeps them
     config.json         what the model is and how it was trained (format EXPORT_FORMAT)
 """
 import json
@@ -19,9 +21,11 @@ from pipeline.model import VAE
 EXPORT_FORMAT = "animeface-vae-export/1"
 MODEL_FILE, PRIOR_FILE, CONFIG_FILE = "model.safetensors", "prior.safetensors", "config.json"
 CARD_FILE, GRID_FILE, CASCADE_FILE = "README.md", "samples.png", "lbpcascade_animeface.xml"
+SLIDERS_FILE = "sliders.json"
 SHARP_PREFIX = "sharp."
 PRIOR_TENSORS = ("weights", "means", "cholesky")
 PRIOR_FIELDS = ("kind", "components", "codes", "seed", "step")
+HAIR_TENSORS = ("mean", "cholesky", "direction")
 
 
 def is_export(folder) -> bool:
@@ -34,10 +38,17 @@ def model_bytes(elbo_state: dict, sharp_state: dict | None) -> bytes:
                 metadata={"format": EXPORT_FORMAT})
 
 
-def prior_bytes(prior: dict) -> bytes:
+def prior_bytes(prior: dict, hair: dict | None) -> bytes:
+    """The mixture's tensors, and per offered hair colour "hair.<colour>.mean" / ".cholesky" / ".direction"."""
+    fit = {k: prior[k] for k in PRIOR_FIELDS if prior.get(k) is not None}
+    tensors = {k: prior[k] for k in PRIOR_TENSORS}
+    if hair is not None:
+        fit["hair"] = {"step": hair["step"], "faces": hair["faces"], "not_offered": hair["not_offered"],
+                       "colours": {name: c["faces"] for name, c in hair["colours"].items()}}
+        tensors.update({f"hair.{name}.{k}": c[k] for name, c in hair["colours"].items() for k in HAIR_TENSORS})
     # one metadata entry: safetensors writes several in no fixed order, and an export must be the same bytes
-    fit = json.dumps({k: prior[k] for k in PRIOR_FIELDS if prior.get(k) is not None}, sort_keys=True)
-    return save({k: prior[k].contiguous().clone() for k in PRIOR_TENSORS}, metadata={"fit": fit})
+    return save({k: v.contiguous().clone() for k, v in tensors.items()},
+                metadata={"fit": json.dumps(fit, sort_keys=True)})
 
 
 def config_bytes(config: dict) -> bytes:
@@ -99,11 +110,13 @@ def read_model(folder: Path, config: dict) -> tuple[dict, dict | None]:
     return elbo, (sharp or None)
 
 
-def read_prior(folder: Path) -> dict:
+def read_prior_file(folder: Path) -> tuple[dict, dict]:
+    """prior.safetensors' tensors and its "fit" metadata, checked."""
     path = folder / PRIOR_FILE
     tensors = read_tensors(path)
-    if set(tensors) != set(PRIOR_TENSORS):
-        raise RunNotFound(f"{path} holds {sorted(tensors)}, not the prior's {list(PRIOR_TENSORS)}: export the run again")
+    if not set(PRIOR_TENSORS) <= set(tensors):
+        raise RunNotFound(f"{path} holds {sorted(tensors)[:5]}, not the prior's {list(PRIOR_TENSORS)}: export the run "
+                          "again")
     with safe_open(path, "pt") as f:
         fit = (f.metadata() or {}).get("fit", "{}")
     try:
@@ -113,7 +126,26 @@ def read_prior(folder: Path) -> dict:
         fields = None
     if fields is None:
         raise RunNotFound(f"{path}: its metadata is not the prior's fit ({fit[:40]!r}): export the run again")
-    return {"kind": "gmm", **fields, **{k: tensors[k] for k in PRIOR_TENSORS}}
+    return tensors, fields
+
+
+def read_prior(folder: Path) -> dict:
+    tensors, fields = read_prior_file(folder)
+    return {"kind": "gmm", **{k: v for k, v in fields.items() if k != "hair"}, **{k: tensors[k] for k in PRIOR_TENSORS}}
+
+
+def read_hair(folder: Path) -> dict | None:
+    """What sampling by hair colour needs, as pipeline/attributes.py stores it; None when exported without."""
+    tensors, fields = read_prior_file(folder)
+    if "hair" not in fields:
+        return None
+    hair = fields["hair"]
+    try:
+        colours = {name: {**{k: tensors[f"hair.{name}.{k}"] for k in HAIR_TENSORS}, "faces": faces}
+                   for name, faces in hair["colours"].items()}
+    except KeyError as err:
+        raise RunNotFound(f"{folder / PRIOR_FILE} lacks {err.args[0]}: export the run again") from None
+    return {"step": hair["step"], "faces": hair["faces"], "not_offered": hair["not_offered"], "colours": colours}
 
 
 def read_export(folder) -> dict:

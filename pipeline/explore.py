@@ -31,10 +31,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
+from pipeline.attributes import SLIDER_RANGE, SLIDERS_NAME, make_slider, slider_value
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.faces import (CascadeError, DetectorConfig, face_tiles, load_cascade, only_detector_keys,
                             resolve_cascade)
+from pipeline.hair import PALETTE
 from pipeline.images import load_image, on_white, to_uint8
 from pipeline.io import atomic_write
 from pipeline.prior import sample_latents
@@ -138,6 +140,11 @@ class LoadedRun:
             self.prior, self.prior_name, self.prior_note = None, "normal", str(err)
             log.warning("%s: sampling from N(0, I) instead", err)
         self.pca = principal_directions(self.run, self.prior)
+        try:
+            self.hair, self.hair_note = self.run.hair(), ""
+        except PipelineError as err:  # an old run without hair.pt whose training split is gone
+            self.hair, self.hair_note = {"colours": {}, "not_offered": {}}, f"hair colours: not available ({err})"
+            log.warning("%s", self.hair_note)
         self._train = None
         self._strip = {}
         self.lock = threading.Lock()
@@ -148,6 +155,8 @@ class LoadedRun:
                 "prior": self.prior_name, "prior_note": self.prior_note, "latent_dim": self.latent_dim,
                 "directions_from": self.pca["source"], "nearest": run.has_split("train"),
                 "decoders": ["sharp", "elbo"] if run.sharp_model is not None else ["elbo"],
+                "hair": list(self.hair["colours"]), "hair_not_offered": self.hair["not_offered"],
+                "hair_note": self.hair_note, **self.slider_list(),
                 "nearest_note": "" if run.has_split("train") else
                 f"nearest training faces: not available, the training split "
                 f"{run.config['train']['train_file']} is not there"}
@@ -174,17 +183,37 @@ class LoadedRun:
         """The same codes through each decoder the run has, side by side."""
         return {name: self.images(z, decoder=name) for name in self.describe()["decoders"]}
 
-    def sample(self, seed: int, prior: str, temperature: float, noise: bool, n: int, decoder: str | None) -> dict:
+    def sample(self, seed: int, prior: str, temperature: float, noise: bool, n: int, decoder: str | None,
+               hair: str | None = None) -> dict:
         generator = torch.Generator().manual_seed(seed)
-        z = sample_latents(self.prior if prior == "default" else None, n, self.latent_dim, generator, temperature)
-        return {"codes": z.tolist(), "images": self.images(z, noise, seed, decoder),
-                "prior": self.prior_name if prior == "default" else "normal"}
+        distribution = self.run.hair_prior(hair) if hair else self.prior if prior == "default" else None
+        z = sample_latents(distribution, n, self.latent_dim, generator, temperature)
+        name = f"hair={hair}" if hair else self.prior_name if prior == "default" else "normal"
+        return {"codes": z.tolist(), "images": self.images(z, noise, seed, decoder), "prior": name}
 
-    def steered(self, z: torch.Tensor, offsets) -> torch.Tensor:
-        """z moved along the first principal directions by `offsets` (in standard deviations of the codes)."""
+    def steered(self, z: torch.Tensor, offsets, named: dict | None = None) -> torch.Tensor:
+        """z moved along the first principal directions by `offsets` (in standard deviations of the codes) and
+        along named sliders (hair colours, sliders made from examples) by `named` (in mean differences)."""
         offsets = torch.tensor([float(v) for v in offsets][: self.settings.directions])
         k = len(offsets)
-        return z + (offsets * self.pca["std"][:k]) @ self.pca["directions"][:k]
+        return self.run.steered(z + (offsets * self.pca["std"][:k]) @ self.pca["directions"][:k], named or {})
+
+    def slider_list(self) -> dict:
+        sliders, warning = self.run.sliders()
+        rows = [{"name": s["name"], "kind": s["kind"],
+                 "made_from": f"{s['faces']} training faces" if s["kind"] == "colour" else
+                 f"{s['has']} faces that have it, {s['lacks']} that lack it"} for s in sliders.values()]
+        return {"sliders": rows, "sliders_note": warning}
+
+    def make_slider(self, name, has: torch.Tensor, lacks: torch.Tensor) -> dict:
+        """A slider from marked faces, saved in the run folder's sliders.json and offered from now on."""
+        with self.lock:
+            sliders, _ = self.run.sliders()
+            slider = make_slider(name, has, lacks, taken={*sliders, *PALETTE})
+            self.run.add_slider(slider)
+        log.info("slider %r made from %d + %d faces, saved in %s", name, len(has), len(lacks),
+                 self.run.ckpt_path.parent / SLIDERS_NAME)
+        return self.slider_list()
 
     def strip(self, decoder: str | None = None) -> list[dict]:
         """What each direction does: the mean code moved from -2.5 to +2.5 standard deviations along it."""
@@ -335,11 +364,6 @@ async def json_body(request: Request) -> dict:
     return body
 
 
-# how far a slider may move a code, in standard deviations of the codes: far past the page's +-3, short of
-# overflowing float32 (an offset of 1e308 made the decoder's input infinite and the request fail)
-MAX_OFFSET = 1000
-
-
 def number(body: dict, name: str, kind, low, high, default):
     try:
         value = kind(body.get(name, default))
@@ -379,9 +403,14 @@ async def sample_route(explorer: Explorer, request: Request):
     prior = body.get("prior", "default")
     if prior not in ("default", "normal"):
         raise BadRequest(f"prior={prior!r}: use default (the run's stored prior) or normal")
+    hair = body.get("hair") or None
+    if hair is not None and hair not in loaded.hair["colours"]:
+        offered = ", ".join(loaded.hair["colours"]) or "none"
+        why = loaded.hair["not_offered"].get(hair)
+        raise BadRequest(f"hair={hair!r} is not offered for this run{f' ({why})' if why else ''}; offered: {offered}")
     args = (number(body, "seed", int, 0, 2 ** 63 - 1, 0), prior, number(body, "temperature", float, 0, 3, 1.0),
             bool(body.get("noise", False)), number(body, "n", int, 1, 256, explorer.cfg.explore.grid),
-            body.get("decoder"))
+            body.get("decoder"), hair)
     return await run_in_threadpool(loaded.sample, *args)
 
 
@@ -390,11 +419,15 @@ async def steer_route(explorer: Explorer, request: Request):
     loaded = explorer.get(body.get("run", "0"))
     z = codes_from(body.get("z"), loaded.latent_dim)
     offsets = body.get("offsets", [])
-    if not isinstance(offsets, list) or not all(isinstance(v, (int, float)) and abs(v) <= MAX_OFFSET
+    if not isinstance(offsets, list) or not all(isinstance(v, (int, float)) and abs(v) <= SLIDER_RANGE
                                                 for v in offsets):
-        raise BadRequest(f"offsets must be a list of numbers from -{MAX_OFFSET} to {MAX_OFFSET} (standard "
+        raise BadRequest(f"offsets must be a list of numbers from -{SLIDER_RANGE} to {SLIDER_RANGE} (standard "
                          "deviations along each slider's direction; the sliders go from -3 to 3)")
-    moved = loaded.steered(z, offsets)
+    named = body.get("named", {})
+    if not isinstance(named, dict):
+        raise BadRequest("named must be an object: {slider name: value}")
+    named = {name: slider_value(name, value) for name, value in named.items()}
+    moved = loaded.steered(z, offsets, named)
     images = await run_in_threadpool(loaded.images, moved, False, 0, body.get("decoder"))
     return {"code": moved[0].tolist(), "images": images}
 
@@ -416,6 +449,17 @@ async def nearest_route(explorer: Explorer, request: Request):
     body = await json_body(request)
     loaded = explorer.get(body.get("run", "0"))
     return await run_in_threadpool(loaded.nearest, codes_from(body.get("z"), loaded.latent_dim), body.get("decoder"))
+
+
+async def sliders_route(explorer: Explorer, request: Request):
+    body = await json_body(request)
+    loaded = explorer.get(body.get("run", "0"))
+    has, lacks = (marked_codes(body.get(side), loaded.latent_dim, side) for side in ("has", "lacks"))
+    return await run_in_threadpool(loaded.make_slider, body.get("name"), has, lacks)
+
+
+def marked_codes(value, latent_dim: int, side: str) -> torch.Tensor:
+    return codes_from(value, latent_dim, side) if value else torch.zeros(0, latent_dim)
 
 
 async def decoders_route(explorer: Explorer, request: Request):
@@ -457,7 +501,7 @@ def make_app(explorer: Explorer) -> Starlette:
     api = {"runs": (runs_route, "GET"), "sample": (sample_route, "POST"), "steer": (steer_route, "POST"),
            "directions": (directions_route, "GET"), "interpolate": (interpolate_route, "POST"),
            "nearest": (nearest_route, "POST"), "compare": (compare_route, "POST"), "upload": (upload_route, "POST"),
-           "decoders": (decoders_route, "POST")}
+           "decoders": (decoders_route, "POST"), "sliders": (sliders_route, "POST")}
     routes = [Route("/", page), *(Route(f"/api/{name}", endpoint(handler), methods=[method])
                                   for name, (handler, method) in api.items())]
     app = Starlette(routes=routes)

@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from pipeline.adversarial import decoder_state
-from pipeline.bundle import (CARD_FILE, CASCADE_FILE, CONFIG_FILE, GRID_FILE, MODEL_FILE, PRIOR_FILE, config_bytes,
-                             model_bytes, prior_bytes)
+from pipeline.bundle import (CARD_FILE, CASCADE_FILE, CONFIG_FILE, GRID_FILE, MODEL_FILE, PRIOR_FILE, SLIDERS_FILE,
+                             config_bytes, model_bytes, prior_bytes)
 from pipeline.config import Paths, checked, key
-from pipeline.errors import PipelineError, exit_on_error
+from pipeline.errors import DataError, PipelineError, exit_on_error
 from pipeline.faces import DetectorConfig, load_cascade, only_detector_keys, resolve_cascade
 from pipeline.model import bits_per_dim, model_settings
 from pipeline.prior import sample_latents
@@ -112,7 +112,7 @@ def evaluated(run: Run) -> dict | None:
                      for d, r in rows.items() if r}}
 
 
-def export_config(run: Run, prior: dict) -> dict:
+def export_config(run: Run, prior: dict, hair: dict) -> dict:
     ckpt, model = run.ckpt, run.elbo_model
     test_elbo = ckpt.get("best_test_elbo")
     source = ckpt["export"] if run.exported else {}
@@ -126,6 +126,8 @@ def export_config(run: Run, prior: dict) -> dict:
         "test_elbo": test_elbo,
         "test_bpd": None if test_elbo is None else bits_per_dim(-test_elbo, 3 * model.image_size ** 2),
         "prior": {k: prior[k] for k in ("kind", "components", "codes", "seed") if k in prior},
+        "hair": {"offered": {name: c["faces"] for name, c in hair["colours"].items()},
+                 "not_offered": hair["not_offered"]} if hair else {"offered": {}, "not_offered": {}},
         "training": source.get("training") or {
             "command": training_command(run.ckpt_path.parent), "preset": run.config.get("preset_name"),
             "batch_size": run.config["train"].get("batch_size"), "run": run.ckpt_path.parent.name},
@@ -157,14 +159,22 @@ def cascade_bytes(cfg) -> bytes | None:
 
 def export_files(cfg, run: Run) -> dict[str, bytes]:
     prior, _ = run.prior("default", 100, cfg.seed)
-    config = export_config(run, prior)
+    try:
+        hair = run.hair()
+    except DataError as err:
+        log.warning("%s: exported without hair colours", err)
+        hair = None
+    config = export_config(run, prior, hair)
     sharp = decoder_state(run.sharp_model) if run.sharp_model is not None else None
     cascade = cascade_bytes(cfg)
-    files = {MODEL_FILE: model_bytes(run.elbo_model.state_dict(), sharp), PRIOR_FILE: prior_bytes(prior),
+    files = {MODEL_FILE: model_bytes(run.elbo_model.state_dict(), sharp), PRIOR_FILE: prior_bytes(prior, hair),
              CONFIG_FILE: config_bytes(config), GRID_FILE: grid_png(run, cfg),
              CARD_FILE: model_card(config, cascade is not None).encode()}
     if cascade is not None:
         files[CASCADE_FILE] = cascade
+    sliders = run.ckpt_path.parent / SLIDERS_FILE
+    if sliders.is_file():
+        files[SLIDERS_FILE] = sliders.read_bytes()
     return files
 
 
@@ -237,6 +247,9 @@ def model_card(config: dict, has_cascade: bool) -> str:
         f"on [0, 1] pixels, trained on the exact ELBO (no KL weight), {config['latent_dim']}-dimensional codes, "
         f"{config['parameters'] / 1e6:.2f}M parameters. Decoders: {decoders}. Codes are drawn from the stored "
         f"prior: a {config['prior'].get('components')}-component Gaussian mixture fitted to the training codes.", "",
+        "Hair colours you can ask for (`hair=<colour>`; the training faces of each, as pipeline/hair.py labels "
+        f"them): {', '.join(f'{k} ({v})' for k, v in config['hair']['offered'].items()) or 'none'}"
+        + "".join(f"; {k}: not offered, {why}" for k, why in config["hair"]["not_offered"].items()) + ".", "",
         f"![{GRID_FILE}]({GRID_FILE})", "", "## Training", "",
         f"`{train['command']}` ({config['step']} steps, the VAE's {config['vae_steps']}; preset "
         f"{train.get('preset')}, batch {train.get('batch_size')}), {config['project']}.", "",
@@ -253,7 +266,8 @@ def usage_lines(has_cascade: bool) -> list[str]:
     upload = ("The folder carries the detector's cascade: uploads in the explorer work offline."
               if has_cascade else "Exported without the detector's cascade: for uploads in the explorer pass "
               "crop.cascade=/path/to/lbpcascade_animeface.xml.")
-    return ["## Use", "", "With the animeface-vae code installed (`make install`, or `pip install -e .`, in its clone):", "",
+    return ["## Use", "", "With the animeface-vae code installed (`make install`, or `pip install -e .`, in its "
+            "clone):", "",
             "```", "python -m pipeline.sample ckpt=THIS_FOLDER            # a grid, like samples.png",
             "python -m pipeline.explore ckpt=THIS_FOLDER           # sample, steer and encode in the browser",
             "python -m pipeline.evaluate ckpt=THIS_FOLDER paths.data_dir=DATA  # needs the packed splits", "```", "",

@@ -37,9 +37,10 @@ def supported_components(asked: int, codes: int) -> int:
     return max(1, min(asked, codes // CODES_PER_COMPONENT))
 
 
-def fit_gmm_prior(model: VAE, train_uint8: np.ndarray, components: int, seed: int, step: int) -> dict:
-    """A mixture of `components` (capped by supported_components) over the training codes, tagged with
-    what it was fitted for."""
+def fit_gmm_prior(model: VAE, train_uint8: np.ndarray, components: int, seed: int, step: int,
+                  codes: torch.Tensor | None = None) -> dict:
+    """A mixture of `components` (capped by supported_components) over the training codes (`codes`, when the
+    caller has encoded them already), tagged with what it was fitted for."""
     if len(train_uint8) < 2:
         raise PipelineError(f"{len(train_uint8)} training face is too few for a mixture prior; "
                             "add faces, or sample with prior=normal")
@@ -49,7 +50,8 @@ def fit_gmm_prior(model: VAE, train_uint8: np.ndarray, components: int, seed: in
                     "not %d", len(train_uint8), fitted, CODES_PER_COMPONENT, fitted, components)
     components = fitted
     log.info("fitting a %d-component Gaussian mixture to %d training codes", components, len(train_uint8))
-    prior = fit_gmm(encode_means(model, train_uint8).double().numpy(), components, seed)
+    codes = encode_means(model, train_uint8) if codes is None else codes
+    prior = fit_gmm(codes.double().numpy(), components, seed)
     return {"kind": "gmm", "components": components, "codes": len(train_uint8), "seed": seed, "step": step,
             **prior}
 

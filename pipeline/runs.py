@@ -8,7 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.adversarial import with_decoder
-from pipeline.bundle import CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_prior
+from pipeline.attributes import (colour_sliders, conditioned, hair_for_run, load_hair, load_sliders, save_hair,
+                                 save_sliders, slider_value)
+from pipeline.bundle import CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_hair, read_prior
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
@@ -169,6 +171,7 @@ class Run:
         self.obs_std = float(self.ckpt["obs_std"])
         self.likelihood = self.ckpt["likelihood"]
         self.config = self.ckpt["config"]
+        self._hair = None
 
     def split(self, name: str) -> np.ndarray:
         return load_split(self.config["train"][f"{name}_file"], name)
@@ -212,6 +215,50 @@ class Run:
         """The detector's cascade an export folder carries (uploads work where the folder goes)."""
         path = self.ckpt_path.parent / CASCADE_FILE
         return path if self.exported and path.is_file() else None
+
+    def hair(self) -> dict:
+        """Per hair colour: the stored mixture's weights and the direction towards it (pipeline/attributes.py);
+        stored at the end of training, computed and stored on first use for older runs with train.npy there."""
+        if self._hair is not None:
+            return self._hair
+        folder = self.ckpt_path.parent
+        stored = read_hair(folder) if self.exported else load_hair(folder)
+        if stored is not None and (stored["step"] == self.encoder_step or not self.has_split("train")):
+            self._hair = stored
+            return stored
+        if not self.has_split("train"):
+            raise DataError(f"hair colours need {folder / 'hair.pt'} (written when training ends) or the training "
+                            f"split to compute it from ({self.config['train']['train_file']}): restore that file")
+        train = self.split("train")
+        self._hair = hair_for_run(self.encode(train), train, self.encoder_step)
+        log.info("stored the hair colours as %s", save_hair(folder, self._hair))
+        return self._hair
+
+    def hair_prior(self, colour: str) -> dict:
+        return conditioned(self.hair(), colour)
+
+    def sliders(self) -> tuple[dict[str, dict], str]:
+        """Named sliders: one per offered hair colour and those saved in sliders.json; and a warning, if any."""
+        try:
+            named = colour_sliders(self.hair())
+        except DataError as err:
+            named, warning = {}, str(err)
+        else:
+            warning = ""
+        custom, damaged = load_sliders(self.ckpt_path.parent, self.model.latent_dim)
+        return {**named, **{s["name"]: s for s in custom}}, "; ".join(w for w in (warning, damaged) if w)
+
+    def add_slider(self, slider: dict) -> None:
+        custom, _ = load_sliders(self.ckpt_path.parent, self.model.latent_dim)
+        save_sliders(self.ckpt_path.parent, [*custom, slider])
+
+    def steered(self, z: torch.Tensor, values: dict) -> torch.Tensor:
+        """z moved along named sliders: each value in units of its direction (1 = the mean difference)."""
+        sliders, _ = self.sliders()
+        unknown = [name for name in values if name not in sliders]
+        if unknown:
+            raise PipelineError(f"steer.{unknown[0]}: no such slider; this run has: {', '.join(sliders) or 'none'}")
+        return z + sum(slider_value(name, v) * sliders[name]["direction"] for name, v in values.items())
 
     def cached_gmm(self, components: int, seed: int) -> dict:
         cache = self.ckpt_path.parent / f"gmm_k{components}_step{self.encoder_step}_seed{seed}.pt"

@@ -5,6 +5,8 @@
                                                            # drawn by its sharp decoder when it has one
     python -m pipeline.sample +obs_std=0.1 decoder=elbo    # the same codes through the exact-ELBO decoder
     python -m pipeline.sample +obs_std=0.1 prior=normal    # codes from N(0, I)
+    python -m pipeline.sample +obs_std=0.1 hair=blue       # faces with blue hair (the colours the run offers)
+    python -m pipeline.sample +obs_std=0.1 +steer.blonde=1 +steer.glasses=1.5   # moved along named sliders
     python -m pipeline.sample sheet=recon|interp|obs_std   # reconstructions, interpolations, one row per obs_std
 
 The last line printed is the path of the PNG written.
@@ -43,17 +45,33 @@ class SampleJob:
     prior: str = key(choices=("default", "normal", "gmm"))
     decoder: str = key(choices=DECODERS)
     gmm_components: int = key(low=1)
+    hair: str | None = key()
+    steer: dict[str, float] = key(default={})
     out: str | None = key()
     device: str = key()
     obs_std: float | None = key(low=1e-6, default=None)
 
 
 def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
-    prior, prior_name = run.prior(cfg.prior, cfg.gmm_components, cfg.seed)
-    log.info("prior: %s%s", prior_name, " (the run's stored prior)" if cfg.prior == "default" else "")
-    z = sample_latents(prior, cfg.n, run.model.latent_dim, generator)
+    prior, prior_name = sampling_prior(run, cfg)
+    z = run.steered(sample_latents(prior, cfg.n, run.model.latent_dim, generator), cfg.steer)
     kind = "noisy" if cfg.noise else "means"
-    return run.decode(z, cfg.noise, generator), f"samples_{prior_name}_{kind}_seed{cfg.seed}_{run.decoder_name}"
+    steer = "".join(f"_{name}{value:+g}" for name, value in cfg.steer.items())
+    return (run.decode(z, cfg.noise, generator),
+            f"samples_{prior_name}_{kind}_seed{cfg.seed}_{run.decoder_name}{steer}")
+
+
+def sampling_prior(run: Run, cfg) -> tuple[dict | None, str]:
+    """prior= as asked; hair=<colour>: the stored mixture reweighted for that colour (pipeline/attributes.py)."""
+    if cfg.hair is None:
+        prior, prior_name = run.prior(cfg.prior, cfg.gmm_components, cfg.seed)
+        log.info("prior: %s%s", prior_name, " (the run's stored prior)" if cfg.prior == "default" else "")
+        return prior, prior_name
+    if cfg.prior != "default":
+        raise PipelineError(f"hair={cfg.hair} reweights the run's stored prior: leave prior at default "
+                            f"(not prior={cfg.prior})")
+    log.info("prior: the run's stored prior, weighted for %s hair", cfg.hair)
+    return run.hair_prior(cfg.hair), f"hair-{cfg.hair}"
 
 
 def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:

@@ -39,13 +39,14 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pipeline.adversarial import SharpConfig, SharpPhase, phase_split, sharp_steps
+from pipeline.attributes import hair_for_run, load_hair, save_hair
 from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
 from pipeline.errors import PipelineError, exit_on_error, hydra_output_dir, remove_if_no_results
 from pipeline.images import to_float
 from pipeline.io import JsonlLog, atomic_write
-from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, evaluate_elbo, model_settings,
-                            negative_elbo, recon_grid)
+from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, encode_means, evaluate_elbo,
+                            model_settings, negative_elbo, recon_grid)
 from pipeline.prior import fit_gmm_prior, load_prior, save_prior
 from pipeline.runs import CKPT_FORMAT, CKPT_NAME, find_checkpoint, load_checkpoint, load_split, pick_device
 
@@ -655,13 +656,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 def store_prior(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, run_dir: Path) -> None:
     """Fit the sampling prior to the training codes of the encoder at `encoder_step` (the sharp decoder's
-    phase leaves it as it is) and store it beside ckpt.pt."""
-    stored = load_prior(run_dir)
-    if stored is not None and stored["step"] == encoder_step:
+    phase leaves it as it is) and store it beside ckpt.pt, with what sampling by hair colour needs."""
+    prior, hair = load_prior(run_dir), load_hair(run_dir)
+    if prior is not None and prior["step"] == encoder_step and hair is not None and hair["step"] == encoder_step:
         return
-    prior = fit_gmm_prior(model, train_np, cfg.train.prior_components, cfg.seed, encoder_step)
-    log.info("sampling prior (%d-component mixture over the training codes) -> %s", prior["components"],
-             save_prior(run_dir, prior))
+    codes = encode_means(model, train_np)
+    if prior is None or prior["step"] != encoder_step:
+        prior = fit_gmm_prior(model, train_np, cfg.train.prior_components, cfg.seed, encoder_step, codes)
+        log.info("sampling prior (%d-component mixture over the training codes) -> %s", prior["components"],
+                 save_prior(run_dir, prior))
+    log.info("hair colours -> %s", save_hair(run_dir, hair_for_run(codes, train_np, encoder_step)))
 
 
 def log_start(cfg, run_dir, proc, train_np, test_np, vae_steps, total_steps, steps_per_epoch, model) -> None:

@@ -118,3 +118,22 @@ def synthetic_faces(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
             img[((xx - cx - side * rx * 0.35) / 0.05) ** 2 + ((yy - cy) / 0.07) ** 2 < 1] = eye
         out[i] = (img * 255).round()
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def hair_faces(n: int, colours: list[tuple[int, int, int]], seed: int = 0, size: int = 64) -> np.ndarray:
+    """uint8 n x 3 x size x size faces on white whose hair (bangs and side locks, where the crop stage's tiles
+    have them) is one of `colours`, in turn, with some shading: for tests of the hair colours."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    out = np.empty((n, size, size, 3), np.float64)
+    for i in range(n):
+        img = np.ones((size, size, 3))
+        hair = (((yy < 0.3) | (xx < 0.2) | (xx > 0.8)) & (yy < 0.75))[..., None]
+        shade = 1 + 0.12 * rng.standard_normal((size, size, 1))
+        img = np.where(hair, np.clip(np.array(colours[i % len(colours)]) / 255 * shade, 0, 1), img)
+        cx, cy = rng.uniform(0.45, 0.55), rng.uniform(0.55, 0.65)
+        img[((xx - cx) / 0.28) ** 2 + ((yy - cy) / 0.3) ** 2 < 1] = (1.0, 0.87, 0.78)  # skin
+        for side in (-1, 1):
+            img[((xx - cx - side * 0.12) / 0.05) ** 2 + ((yy - cy) / 0.07) ** 2 < 1] = rng.uniform(0, 0.6, 3)
+        out[i] = img
+    return np.ascontiguousarray((out * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))

@@ -2,6 +2,7 @@
 headless Chromium (Debian's package, driven by Playwright; marked slow, as is a second server process)."""
 import base64
 import io
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from PIL import Image
 
 from pipeline.explore import LoadedRun, BadRequest
 from pipeline.faces import face_tiles, load_cascade
+from pipeline.hair import PALETTE
 from pipeline.images import load_image
 from tests import realdata
 from tests.helpers import ROOT, run_module
@@ -204,6 +206,46 @@ def first_illustration_with_a_face(illustrations, cascade):
     pytest.fail(f"no illustration under {illustrations} has a face the cascade finds")
 
 
+def test_hair_colours_draw_the_grid_and_every_slider_value_is_checked(server):
+    listed = requests.get(server + "api/runs", timeout=60).json()["runs"][0]
+    offered, missing = listed["hair"], listed["hair_not_offered"]
+    assert offered and set(offered) | set(missing) == set(PALETTE) and listed["hair_note"] == ""
+    assert all(why.endswith("(at least 20 are needed)") for why in missing.values())
+    assert [s["name"] for s in listed["sliders"] if s["kind"] == "colour"] == offered
+    colour = offered[0]
+    drawn = post(server, "sample", seed=1, hair=colour, n=8).json()
+    assert drawn["prior"] == f"hair={colour}" and drawn["codes"] != post(server, "sample", seed=1, n=8).json()["codes"]
+    refused = post(server, "sample", hair="teal")
+    assert refused.status_code == 400 and f"offered: {', '.join(offered)}" in refused.json()["error"]
+    z = drawn["codes"][0]
+    towards = post(server, "steer", z=z, offsets=[], named={colour: 1.0}).json()
+    assert towards["code"] != post(server, "steer", z=z, offsets=[]).json()["code"]
+    for body, message in (({"named": {colour: 1e308}}, "use a number from -1000 to 1000"),
+                          ({"offsets": [1e308]}, "numbers from -1000 to 1000"),
+                          ({"named": {colour: "far"}}, "use a number from -1000 to 1000"),
+                          ({"named": {"glasses": 1}}, "steer.glasses: no such slider")):
+        response = post(server, "steer", z=z, **{"offsets": [], **body})
+        assert response.status_code == 400 and message in response.json()["error"], response.text
+
+
+def test_sliders_made_from_marked_faces_are_saved_in_the_run_folder(server, runs):
+    codes = post(server, "sample", seed=5, n=8).json()["codes"]
+    for name, has, message in (("smile", codes[:3], "at least 4 faces that have it and 4 that lack it; marked: 3 and 4"),
+                               ("", codes[:4], "one plain word"), ("long hair", codes[:4], "one plain word"),
+                               (PALETTE[0], codes[:4], "exists already")):
+        response = post(server, "sliders", name=name, has=has, lacks=codes[4:])
+        assert response.status_code == 400 and message in response.json()["error"], response.text
+    made = post(server, "sliders", name="smile", has=codes[:4], lacks=codes[4:]).json()["sliders"]
+    assert made[-1] == {"name": "smile", "kind": "custom", "made_from": "4 faces that have it, 4 that lack it"}
+    assert post(server, "sliders", name="smile", has=codes[:4], lacks=codes[4:]).status_code == 400  # exists now
+    saved = json.loads((next(runs.glob("train/obs_std-0.1/*")) / "sliders.json").read_text())["sliders"]
+    assert [s["name"] for s in saved] == ["smile"] and len(saved[0]["direction"]) == len(codes[0])
+    assert requests.get(server + "api/runs", timeout=60).json()["runs"][0]["sliders"][-1]["name"] == "smile"
+    moved = post(server, "steer", z=codes[0], offsets=[], named={"smile": 1}).json()["code"]
+    expected = np.array(codes[0]) + np.mean(codes[:4], 0) - np.mean(codes[4:], 0)
+    assert np.allclose(moved, expected, atol=1e-4)
+
+
 def test_nearest_faces_say_when_the_training_data_is_gone(runs):
     settings = type("Settings", (), {"directions": 4, "strip": 3, "nearest": 2, "interp_steps": 2})
     loaded = LoadedRun(next(runs.rglob("ckpt.pt")), torch.device("cpu"), settings)
@@ -340,3 +382,30 @@ def test_without_a_cascade_the_page_says_uploads_are_off_and_the_api_refuses_the
         proc.terminate()
         proc.communicate(timeout=30)
     assert "Uploads are off" in log
+
+
+@pytest.mark.slow
+def test_page_draws_a_hair_colour_and_makes_a_slider_from_marked_faces(page):
+    chip = page.locator("#chips button:not([disabled])").nth(1)  # the first colour after "any"
+    colour = chip.get_attribute("data-hair")
+    before = image_src(page, "#grid figure:first-child img")
+    chip.click()
+    page.wait_for_function(f"document.querySelector('#grid img').src !== {before!r}")
+    assert f"prior: hair={colour}" in page.locator("#note").inner_text()
+    assert page.locator("#chips button.on").inner_text() == colour
+    for i, mark in enumerate(["#mark-has"] * 4 + ["#mark-lacks"] * 4):
+        page.click(f"#grid figure:nth-child({i + 1}) img")
+        page.click(mark)
+    assert page.locator("#has-count").inner_text() == "4" and page.locator("#lacks-count").inner_text() == "4"
+    page.fill("#slider-name", "two words")
+    page.click("#make-slider")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('one plain word')")
+    page.fill("#slider-name", "pagemade")
+    page.click("#make-slider")
+    page.wait_for_selector("#named-sliders input[data-slider='pagemade']")
+    assert page.locator(f"#named-sliders input[data-slider='{colour}']").count() == 1  # "towards <colour>"
+    big = image_src(page, "#big-face")
+    page.eval_on_selector("#named-sliders input[data-slider='pagemade']",
+                          "s => { s.value = 1.5; s.dispatchEvent(new Event('input')); }")
+    page.wait_for_function(f"document.querySelector('#big-face').src !== {big!r}")
+    assert page.locator("#message").inner_text() == ""

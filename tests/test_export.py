@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pipeline import load
+from pipeline.attributes import make_slider
 from pipeline.bundle import EXPORT_FORMAT
 from pipeline.config import checked
 from pipeline.errors import PipelineError, RunNotFound
@@ -53,7 +54,10 @@ def test_the_export_is_safetensors_a_config_a_model_card_and_the_cascade(exporte
         assert header[8:9] == b"{"  # a safetensors header: JSON after its length, nothing to unpickle
     tensors = load_file(exported / "model.safetensors")
     assert "encoder.0.0.weight" in tensors and any(k.startswith("sharp.decoder.") for k in tensors)
-    assert set(load_file(exported / "prior.safetensors")) == {"weights", "means", "cholesky"}
+    prior = load_file(exported / "prior.safetensors")
+    colours = load(exported).hair_colours()
+    assert colours and set(prior) == {"weights", "means", "cholesky", *(f"hair.{c}.{k}" for c in colours
+                                                                      for k in ("mean", "cholesky", "direction"))}
     config = json.loads((exported / "config.json").read_text())
     assert config["format"] == EXPORT_FORMAT and config["obs_std"] == 0.1 and config["decoders"] == ["elbo", "sharp"]
     assert config["step"] == 25 and config["encoder_step"] == 15 and config["model_args"]["latent_dim"] == 32
@@ -77,6 +81,11 @@ def test_export_then_load_gives_the_pixels_of_the_run(exported, tiny_runs, tmp_p
         assert np.array_equal(faces, again.sample(9, seed=4)) and not np.array_equal(faces, run.sample(9, seed=5))
         assert np.array_equal(run.encode(faces), again.encode(faces))
         assert np.array_equal(run.reconstruct(faces), again.reconstruct(faces))
+        colour = run.hair_colours()[0]
+        assert again.hair_colours() == run.hair_colours() and again.sliders() == run.sliders()
+        steered = run.sample(4, hair=colour, steer={colour: 1.0})
+        assert np.array_equal(steered, again.sample(4, hair=colour, steer={colour: 1.0}))
+        assert not np.array_equal(steered, run.sample(4, hair=colour))
     grid = sample_png(f"paths.output_dir={tmp_path}/no-outputs", f"ckpt={exported}", f"out={tmp_path}/grid.png")
     assert np.array_equal(grid, np.asarray(Image.open(exported / "samples.png")))  # the card shows what samples
     assert np.array_equal(grid, sample_png(f"paths.output_dir={tiny_runs}", "+obs_std=0.1", f"out={tmp_path}/r.png"))
@@ -205,3 +214,13 @@ def test_evaluate_scores_an_export_with_the_splits_under_paths_data_dir(exported
     assert set(metrics["priors"]) == set(metrics["sharp_priors"]) == {"normal", "gmm"}
     missing = run_module("pipeline.evaluate", f"paths.data_dir={tmp_path}/no-data", *common, check=False)
     assert missing.returncode == 2 and f"train split not found at {tmp_path}/no-data/train.npy" in missing.stderr
+
+
+def test_sliders_made_for_a_run_travel_with_its_export(tiny_runs, tmp_path):
+    runs = shutil.copytree(tiny_runs, tmp_path / "outputs")
+    run = load(obs_std=0.1, output_dir=runs, device="cpu").run
+    codes = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    run.add_slider(make_slider("smile", codes[:4], codes[4:], taken=()))
+    export(runs, "+obs_std=0.1", f"out={tmp_path}/handed")
+    assert (tmp_path / "handed" / "sliders.json").read_bytes() == (run.ckpt_path.parent / "sliders.json").read_bytes()
+    assert load(tmp_path / "handed").sliders()[-1] == "smile"
