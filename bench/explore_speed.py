@@ -7,6 +7,7 @@ Measures, over HTTP on 127.0.0.1 with the server in its own process (as `make ex
 - baseline: `python -m pipeline.sample ckpt=... n=64` (loads the checkpoint for every grid);
 - a 64-face grid sampled, decoded and served (POST /api/sample), p50 / p95 over --reps;
 - a slider move: one steered face decoded and served (POST /api/steer), p50 / p95 over 2 x --reps;
+- when the run offers hair colours: a grid of one colour (hair=) and a move of every named slider at once;
 - page load in headless Chromium until the grid and the direction strip are shown, p50 / p95 over 10.
 """
 import argparse
@@ -124,10 +125,20 @@ def main():
         print(f"explorer started and serving in {startup:.1f} s")
         grid = timed_posts(url, "api/sample", [{"seed": s, "n": 64} for s in range(opts.reps)])
         print(f"grid of 64 (POST /api/sample): {percentiles(grid)}")
+        colours = requests.get(url + "api/runs", timeout=60).json()["runs"][0].get("hair", [])
+        if colours:
+            bodies = [{"seed": s, "n": 64, "hair": colours[s % len(colours)]} for s in range(opts.reps)]
+            print(f"grid of 64 of one hair colour (POST /api/sample, hair=): "
+                  f"{percentiles(timed_posts(url, 'api/sample', bodies))}")
         z = requests.post(url + "api/sample", json={"seed": 0, "n": 1}, timeout=60).json()["codes"][0]
         rng = np.random.default_rng(0)
         moves = [{"z": z, "offsets": rng.uniform(-3, 3, 8).round(2).tolist()} for _ in range(2 * opts.reps)]
         print(f"slider move (POST /api/steer): {percentiles(timed_posts(url, 'api/steer', moves))}")
+        if colours:
+            moves = [{"z": z, "offsets": [], "named": {c: round(float(rng.uniform(-2, 2)), 2) for c in colours}}
+                     for _ in range(2 * opts.reps)]
+            print(f"named slider move, every colour at once (POST /api/steer, named=): "
+                  f"{percentiles(timed_posts(url, 'api/steer', moves))}")
         loads = page_loads(url, 10, opts.screenshot, opts.upload)
         if loads:
             print(f"page load to a shown grid and strip (headless Chromium): {percentiles(loads)}")

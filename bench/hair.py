@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/hair.py --run RUN_FOLDER [--n 500] [--fid-n 250] [--real-n 500] [--out bench/out/hair]
     .venv/bin/python bench/hair.py --run RUN_FOLDER --cost      # only the seconds, run it alone
+    .venv/bin/python bench/hair.py --run RUN_FOLDER --components 4 --colours black blonde --out bench/out/hair_k4
 
 For each colour the run offers: the share of n `hair=<colour>` samples the labeller calls that colour,
 beside its share among n unconditioned samples (the stored prior) and among the training faces; the same
@@ -12,6 +13,7 @@ near-copies (samples closer to a training face than 99% of test faces are). Then
 examples: 4 black-haired and 4 blonde training faces make "dark"; 20 unconditioned samples the labeller does
 not call black, moved by +1.5: the labeller's verdict before and after. Decoder: the run's default.
 --cost: seconds of what training adds at its end (labeller + fit on the training split) and per 64-face grid.
+--components K: the lever of a K-component mixture per colour (pipeline.prior.fit_gmm) instead of one Gaussian.
 """
 import argparse
 import collections
@@ -27,7 +29,7 @@ from pipeline.attributes import conditioned, fit_hair, make_slider
 from pipeline.hair import label_hair
 from pipeline.images import to_float, to_uint8
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest
-from pipeline.prior import sample_latents
+from pipeline.prior import fit_gmm, sample_latents
 from pipeline.runs import Run
 
 
@@ -80,6 +82,8 @@ def main():
     parser.add_argument("--real-n", type=int, default=500)
     parser.add_argument("--out", default="bench/out/hair")
     parser.add_argument("--cost", action="store_true")
+    parser.add_argument("--components", type=int, default=1)
+    parser.add_argument("--colours", nargs="*")
     opts = parser.parse_args()
     torch.set_num_threads(2)
     run = Run(Path(opts.run) / "ckpt.pt", torch.device("cpu"))
@@ -100,7 +104,12 @@ def main():
     near = np.percentile(test_to_train, 1)
     rows = {}
     for colour, own in hair["colours"].items():
-        samples = draw(run, conditioned(hair, colour), opts.n, 2)
+        if opts.colours and colour not in opts.colours:
+            continue
+        own_codes = codes[torch.as_tensor(np.flatnonzero(labels == colour))].double().numpy()
+        distribution = (conditioned(hair, colour) if opts.components == 1 else
+                        {"components": opts.components, **fit_gmm(own_codes, opts.components, 0)})
+        samples = draw(run, distribution, opts.n, 2)
         save_image(to_float(samples[:64]), out / f"hair_{colour}.png", nrow=8)
         real = train[np.flatnonzero(labels == colour)[:opts.real_n]]
         real_feats = features(extractor, real, 50)
@@ -115,7 +124,7 @@ def main():
             "fid_kid_unconditioned": fid_kid(real_feats, uncond_feats), "real_n": len(real),
             "near_copies": float(np.mean(dist < near))}
         print(colour, json.dumps(rows[colour]), flush=True)
-    results = {"run": str(opts.run), "n": opts.n, "fid_n": opts.fid_n, "colours": rows,
+    results = {"run": str(opts.run), "n": opts.n, "fid_n": opts.fid_n, "components": opts.components, "colours": rows,
                "slider": slider_check(run, train, labels, codes, unconditioned, prior)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results["slider"]))

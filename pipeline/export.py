@@ -183,6 +183,7 @@ def write_folder(out: Path, files: dict[str, bytes]) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep the folder from whoever it is handed to
     except OSError as err:
         raise PipelineError(f"cannot write the export into {out.parent} ({err.strerror}): choose out= a "
                             "folder you can write") from None
