@@ -154,12 +154,15 @@ class LoadedRun:
         return {"obs_std": run.obs_std, "step": run.ckpt["step"], "folder": str(run.ckpt_path.parent),
                 "prior": self.prior_name, "prior_note": self.prior_note, "latent_dim": self.latent_dim,
                 "directions_from": self.pca["source"], "nearest": run.has_split("train"),
-                "decoders": ["sharp", "elbo"] if run.sharp_model is not None else ["elbo"],
+                "decoders": self.decoders(),
                 "hair": list(self.hair["colours"]), "hair_not_offered": self.hair["not_offered"],
                 "hair_note": self.hair_note, **self.slider_list(),
                 "nearest_note": "" if run.has_split("train") else
                 f"nearest training faces: not available, the training split "
                 f"{run.config['train']['train_file']} is not there"}
+
+    def decoders(self) -> list[str]:
+        return ["sharp", "elbo"] if self.run.sharp_model is not None else ["elbo"]
 
     def model_for(self, decoder: str | None, noise: bool = False):
         """The decoder asked for: sharp, elbo, or (None / auto) the run's default, as pipeline.sample's."""
@@ -181,7 +184,7 @@ class LoadedRun:
 
     def both(self, z: torch.Tensor) -> dict:
         """The same codes through each decoder the run has, side by side."""
-        return {name: self.images(z, decoder=name) for name in self.describe()["decoders"]}
+        return {name: self.images(z, decoder=name) for name in self.decoders()}
 
     def sample(self, seed: int, prior: str, temperature: float, noise: bool, n: int, decoder: str | None,
                hair: str | None = None) -> dict:

@@ -133,3 +133,18 @@ def test_a_damaged_slider_file_is_skipped_with_a_warning_naming_it(tmp_path):
                                                                      "direction": [1, 2, 3]}]}))
     assert load_sliders(tmp_path, 2)[1].endswith("its sliders are skipped (delete or fix the file)")
     assert len(load_sliders(tmp_path, 3)[0]) == 1
+
+
+def test_a_run_trained_before_hair_colours_gets_them_on_first_use(runs_copy, tmp_path):
+    stored = next(runs_copy.glob("train/obs_std-0.1/*/hair.pt"))
+    offered = list(torch.load(stored, weights_only=True)["colours"])
+    stored.unlink()
+    tiles = sample_grid(runs_copy, "+obs_std=0.1", f"hair={offered[0]}", f"out={tmp_path}/a.png")
+    assert stored.is_file() and len(tiles) == 32  # computed from train.npy, stored for next time
+    assert list(torch.load(stored, weights_only=True)["colours"]) == offered
+    run = Run(next(runs_copy.glob("train/obs_std-0.1/*/ckpt.pt")), torch.device("cpu"))
+    run.config["train"]["train_file"] = str(tmp_path / "gone.npy")
+    stored.unlink()
+    with pytest.raises(PipelineError, match=r"hair colours need .*hair.pt \(written when training ends\) or the "
+                                            r"training split to compute it from \(.*gone.npy\): restore that file"):
+        run.hair_prior(offered[0])
