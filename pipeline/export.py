@@ -144,15 +144,15 @@ def grid_png(run: Run, cfg) -> bytes:
     return buffer.getvalue()
 
 
-def cascade_bytes(cfg) -> bytes | None:
+def cascade_bytes(cfg, run: Run) -> bytes | None:
+    """The detector's cascade, found as the explorer finds it (an export being exported again has its own)."""
     if not cfg.cascade:
         return None
     try:
-        path = resolve_cascade(cfg.crop)
+        path = resolve_cascade(cfg.crop, [run.cascade_copy] if run.cascade_copy else [])
     except PipelineError as err:
-        raise PipelineError(f"{err}. The export carries the detector for uploads; without network pass "
-                            "crop.cascade=/path/to/lbpcascade_animeface.xml, or cascade=false to export "
-                            "without it (uploads then need crop.cascade where the folder goes)") from None
+        raise PipelineError(f"{err}; or add cascade=false to export without the detector (uploads then need "
+                            "crop.cascade where the folder goes)") from None
     load_cascade(path)
     return path.read_bytes()
 
@@ -166,7 +166,7 @@ def export_files(cfg, run: Run) -> dict[str, bytes]:
         hair = None
     config = export_config(run, prior, hair)
     sharp = decoder_state(run.sharp_model) if run.sharp_model is not None else None
-    cascade = cascade_bytes(cfg)
+    cascade = cascade_bytes(cfg, run)
     files = {MODEL_FILE: model_bytes(run.elbo_model.state_dict(), sharp), PRIOR_FILE: prior_bytes(prior, hair),
              CONFIG_FILE: config_bytes(config), GRID_FILE: grid_png(run, cfg),
              CARD_FILE: model_card(config, cascade is not None).encode()}

@@ -97,6 +97,10 @@ def test_exporting_the_same_run_twice_gives_the_same_bytes(exported, tiny_runs, 
     export(tiny_runs, "+obs_std=0.1", f"out={again}", "overwrite=true")
     assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in exported.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temp folder left beside it
+    run_module("pipeline.export", f"paths.output_dir={tmp_path}/no-outputs", f"ckpt={exported}",  # the default
+               f"out={tmp_path}/of-the-export", f"crop.cascade_cache_dir={tmp_path}/no-cache")  # cascade URL, unused
+    assert {p.name: p.read_bytes() for p in (tmp_path / "of-the-export").iterdir()} == \
+        {p.name: p.read_bytes() for p in exported.iterdir()}  # an export exported again: the same folder
 
 
 def test_the_api_takes_what_a_notebook_holds(exported):
