@@ -406,11 +406,7 @@ async def sample_route(explorer: Explorer, request: Request):
     prior = body.get("prior", "default")
     if prior not in ("default", "normal"):
         raise BadRequest(f"prior={prior!r}: use default (the run's stored prior) or normal")
-    hair = body.get("hair") or None
-    if hair is not None and hair not in loaded.hair["colours"]:
-        offered = ", ".join(loaded.hair["colours"]) or "none"
-        why = loaded.hair["not_offered"].get(hair)
-        raise BadRequest(f"hair={hair!r} is not offered for this run{f' ({why})' if why else ''}; offered: {offered}")
+    hair = body.get("hair") or None  # one not offered: pipeline.attributes.conditioned's message, a 400
     args = (number(body, "seed", int, 0, 2 ** 63 - 1, 0), prior, number(body, "temperature", float, 0, 3, 1.0),
             bool(body.get("noise", False)), number(body, "n", int, 1, 256, explorer.cfg.explore.grid),
             body.get("decoder"), hair)

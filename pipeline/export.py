@@ -135,9 +135,8 @@ def export_config(run: Run, prior: dict, hair: dict) -> dict:
     }
 
 
-def grid_png(run: Run, cfg) -> bytes:
+def grid_png(run: Run, cfg, prior: dict) -> bytes:
     """What `python -m pipeline.sample` draws with the same seed (stored prior, the default decoder)."""
-    prior, _ = run.prior("default", 100, cfg.seed)
     z = sample_latents(prior, cfg.grid, run.model.latent_dim, torch.Generator().manual_seed(cfg.seed))
     buffer = io.BytesIO()
     save_image(run.decode(z), buffer, format="png", nrow=cfg.nrow)
@@ -168,7 +167,7 @@ def export_files(cfg, run: Run) -> dict[str, bytes]:
     sharp = decoder_state(run.sharp_model) if run.sharp_model is not None else None
     cascade = cascade_bytes(cfg, run)
     files = {MODEL_FILE: model_bytes(run.elbo_model.state_dict(), sharp), PRIOR_FILE: prior_bytes(prior, hair),
-             CONFIG_FILE: config_bytes(config), GRID_FILE: grid_png(run, cfg),
+             CONFIG_FILE: config_bytes(config), GRID_FILE: grid_png(run, cfg, prior),
              CARD_FILE: model_card(config, cascade is not None).encode()}
     if cascade is not None:
         files[CASCADE_FILE] = cascade

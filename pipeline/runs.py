@@ -254,6 +254,8 @@ class Run:
 
     def steered(self, z: torch.Tensor, values: dict) -> torch.Tensor:
         """z moved along named sliders: each value in units of its direction (1 = the mean difference)."""
+        if not values:
+            return z  # no slider file read on a plain move
         sliders, _ = self.sliders()
         unknown = [name for name in values if name not in sliders]
         if unknown:
