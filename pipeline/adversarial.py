@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import key
-from pipeline.model import VAE
+from pipeline.model import VAE, model_device
 
 # the sharp decoder's state in a checkpoint: these VAE keys (the encoder is the ELBO model's)
 DECODER_PREFIXES = ("project.", "decoder.")
@@ -41,6 +41,8 @@ class SharpConfig:
     codes: str = key(choices=("posterior", "mean"))
     ema: float = key(low=0, high=0.999999)
     disc_norm: str = key(choices=("batch", "none"))
+    r1: float = key(low=0)
+    decoder_width: int | None = key(low=1)
 
 
 class PatchDiscriminator(nn.Module):
@@ -108,6 +110,12 @@ def generator_loss(fake_logits, kind: str) -> torch.Tensor:
     return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
 
 
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): the squared norm of the discriminator's gradient at real faces, per face."""
+    grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
 def adaptive_weight(rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """||d rec / d W|| / ||d adv / d W|| at the decoder's last layer W (latent diffusion's autoencoder): the
     adversarial term pulls as hard as the reconstruction, whatever their scales."""
@@ -124,9 +132,10 @@ def decoder_state(model: VAE) -> dict:
     return {k: v for k, v in model.state_dict().items() if k.startswith(DECODER_PREFIXES)}
 
 
-def with_decoder(model: VAE, state: dict) -> VAE:
-    """A copy of `model` (its encoder) with the sharp decoder's weights."""
-    sharp = copy.deepcopy(model)
+def with_decoder(model: VAE, state: dict, decoder_width: int | None = None) -> VAE:
+    """A copy of `model` (its encoder) with the sharp decoder's weights (`decoder_width` channels at its last
+    level when it was trained wider than the ELBO decoder)."""
+    sharp = copy.deepcopy(model) if decoder_width is None else wider_copy(model, decoder_width)
     missing = set(decoder_state(sharp)) - set(state)
     unexpected = set(state) - set(decoder_state(sharp))
     if missing or unexpected:
@@ -134,6 +143,40 @@ def with_decoder(model: VAE, state: dict) -> VAE:
                          f"unexpected {sorted(unexpected)[:3]}")
     sharp.load_state_dict({**sharp.state_dict(), **state})
     return sharp
+
+
+def wider_copy(model: VAE, decoder_width: int) -> VAE:
+    """A copy of `model` whose decoder has `decoder_width` channels at its last level (doubled towards the
+    code) and, at first, computes exactly what `model`'s does (Net2WiderNet: the old weights in place, the
+    new channels' incoming weights random, their outgoing ones zero)."""
+    narrowest = model.settings["decoder_width"] or model.settings["width"]
+    if decoder_width < narrowest:
+        raise ValueError(f"sharp.decoder_width={decoder_width} is narrower than the ELBO decoder ({narrowest}): "
+                         f"use null (the same width) or at least {narrowest}")
+    wide = copy.deepcopy(model)
+    wide.settings["decoder_width"] = decoder_width
+    fresh = VAE(**wide.settings).to(model_device(model))
+    wide.project, wide.decoder = fresh.project, fresh.decoder
+    wide.train(model.training)
+    for part in ("project", "decoder"):
+        for new, old in zip(wide.get_submodule(part).modules(), model.get_submodule(part).modules()):
+            grow_into(new, old)
+    return wide
+
+
+def grow_into(new: nn.Module, old: nn.Module) -> None:
+    """Copy `old`'s tensors into the leading block of `new`'s; zero the weights from new input channels."""
+    with torch.no_grad():
+        for (_, big), (_, small) in zip(new.named_parameters(recurse=False), old.named_parameters(recurse=False)):
+            region = tuple(slice(0, n) for n in small.shape)
+            big[region] = small
+            in_dim = 0 if isinstance(new, nn.ConvTranspose2d) else 1
+            if big.dim() > 1 and big.shape[in_dim] > small.shape[in_dim]:
+                from_new = [slice(0, n) for n in small.shape]
+                from_new[in_dim] = slice(small.shape[in_dim], None)
+                big[tuple(from_new)] = 0
+        for (_, big), (_, small) in zip(new.named_buffers(recurse=False), old.named_buffers(recurse=False)):
+            big[tuple(slice(0, n) for n in small.shape)] = small
 
 
 class SharpPhase:
@@ -144,9 +187,10 @@ class SharpPhase:
     def __init__(self, cfg: SharpConfig, vae: VAE, seed: int, channels_last: bool):
         self.cfg = cfg
         self.vae = vae
-        self.decoder = copy.deepcopy(vae).train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            self.decoder = (copy.deepcopy(vae) if cfg.decoder_width is None else
+                            wider_copy(vae, cfg.decoder_width)).train()
             disc = PatchDiscriminator(cfg.disc_width, cfg.disc_layers, cfg.disc_norm)
             self.disc = disc.to(next(vae.parameters()).device)
         if channels_last:
@@ -167,7 +211,7 @@ class SharpPhase:
         """"decoder" is what samples (the average, with sharp.ema); the trained weights are "trained" then."""
         averaged = {"trained": decoder_state(self.decoder), "ema_n": int(self.average.n_averaged)} \
             if self.average is not None else {}
-        return {"decoder": decoder_state(self.sampler), **averaged, "disc": self.disc.state_dict(),
+        return {"decoder": decoder_state(self.sampler), "decoder_width": self.cfg.decoder_width, **averaged, "disc": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
@@ -212,10 +256,13 @@ class SharpPhase:
         return torch.stack([rec, g_loss, d_loss, torch.as_tensor(weight, device=x.device)]).detach().float()
 
     def discriminator_step(self, real, fake, autocast, world: int) -> torch.Tensor:
+        real = real.detach().requires_grad_(self.cfg.r1 > 0)
         with autocast:
-            loss = discriminator_loss(self.disc(self.augment(real)), self.disc(self.augment(fake)), self.cfg.loss)
+            real_logits = self.disc(self.augment(real))
+            loss = discriminator_loss(real_logits, self.disc(self.augment(fake)), self.cfg.loss)
+        penalty = r1_penalty(real_logits, real) * self.cfg.r1 / 2 if self.cfg.r1 > 0 else 0
         self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty).backward()
         average_gradients(self.opt_d, world)
         self.opt_d.step()
         return loss

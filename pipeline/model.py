@@ -74,6 +74,9 @@ class VAE(nn.Module):
     def __init__(self, image_size=64, width=32, depth=4, latent_dim=128, max_channels=512,
                  decoder_width=None, res_blocks=0, upsample="transposed"):
         super().__init__()
+        self.settings = {"image_size": image_size, "width": width, "depth": depth, "latent_dim": latent_dim,
+                         "max_channels": max_channels, "decoder_width": decoder_width, "res_blocks": res_blocks,
+                         "upsample": upsample}
         if image_size % 2 ** depth:
             raise ValueError(f"image_size={image_size} must be divisible by 2**depth={2 ** depth}")
         self.image_size, self.latent_dim = image_size, latent_dim

@@ -133,7 +133,7 @@ def sharp_from_checkpoint(ckpt: dict, elbo_model: VAE, path) -> VAE | None:
     if "sharp" not in ckpt:
         return None
     try:
-        return with_decoder(elbo_model, ckpt["sharp"]["decoder"]).eval()
+        return with_decoder(elbo_model, ckpt["sharp"]["decoder"], ckpt["sharp"].get("decoder_width")).eval()
     except (KeyError, ValueError, RuntimeError) as err:
         raise RunNotFound(f"{path}: its sharp decoder does not fit its model ({err}); "
                           "sample with decoder=elbo, or train the run again") from None

@@ -173,6 +173,13 @@ def check_objective(cfg) -> None:
                          "try obs_std=0.1)")
 
 
+def check_sharp(cfg) -> None:
+    narrowest = cfg.model.decoder_width or cfg.model.width
+    if cfg.sharp.decoder_width is not None and cfg.sharp.decoder_width < narrowest:
+        raise TrainError(f"sharp.decoder_width={cfg.sharp.decoder_width} is narrower than the ELBO decoder "
+                         f"({narrowest}): use null (the same width) or at least {narrowest}")
+
+
 def setup_processes(cfg) -> Proc:
     """The device, CPU threads (train.num_threads, else the cores other processes leave free, followed as
     the load changes) and (under torchrun) the process group: NCCL on CUDA, gloo elsewhere."""
@@ -616,6 +623,7 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     check_objective(cfg)
+    check_sharp(cfg)
     proc = setup_processes(cfg)
     train_np, test_np = load_splits(cfg, proc)
     steps_per_epoch = len(train_np) // proc.world // cfg.train.batch_size

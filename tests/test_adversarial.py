@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.adversarial import (PatchDiscriminator, adaptive_weight, cutout, decoder_state, diff_augment,
-                                  discriminator_loss, generator_loss, last_layer, translate, with_decoder)
+                                  discriminator_loss, generator_loss, last_layer, r1_penalty, translate,
+                                  wider_copy, with_decoder)
 from pipeline.model import VAE
 from pipeline.runs import load_checkpoint
 from tests.helpers import run_module, train_args
@@ -81,6 +82,27 @@ def test_a_sharp_decoder_keeps_the_encoder_and_refuses_other_shapes():
         with_decoder(model, {})
 
 
+def test_the_r1_penalty_is_the_squared_gradient_norm_at_real_faces():
+    weights = torch.randn(3, 8, 8)
+    real = torch.rand(5, 3, 8, 8, requires_grad=True)
+    logits = (real * weights).flatten(1).sum(1) + (real ** 2).sum() * 0  # gradient = weights at every face
+    assert torch.isclose(r1_penalty(logits, real), weights.pow(2).sum(), rtol=1e-5)
+
+
+def test_a_wider_sharp_decoder_starts_as_the_elbo_decoder():
+    torch.manual_seed(0)
+    model = VAE(width=8, depth=4, latent_dim=8, decoder_width=8).eval()
+    wide = wider_copy(model, 16).eval()
+    z = torch.randn(4, 8)
+    assert wide.decoder[-1].weight.shape[0] == 16 and wide.project.weight.shape[0] == 2 * model.project.weight.shape[0]
+    assert torch.allclose(wide.decode(z), model.decode(z), atol=1e-6)
+    assert torch.equal(wide.encoder[0][0].weight, model.encoder[0][0].weight)
+    again = with_decoder(model, decoder_state(wide), decoder_width=16)  # as a checkpoint reloads it
+    assert torch.equal(again.decode(z), wide.decode(z))
+    with pytest.raises(ValueError, match="narrower than the ELBO decoder"):
+        wider_copy(model, 4)
+
+
 def test_the_sharp_phase_leaves_the_vae_exactly_as_it_was(tiny_data, tmp_path):
     common = ["train.max_steps=12", "train.num_threads=2"]
     run_module("pipeline.train", *train_args(tiny_data, tmp_path / "vae", *common))
@@ -123,6 +145,18 @@ def test_a_resumed_sharp_phase_gives_the_same_weights_as_an_uninterrupted_one(ti
     assert refused.returncode == 2 and "sharp.adv_weight=2" in refused.stderr
 
 
+def test_a_wider_sharp_decoder_with_r1_trains_and_samples(tiny_data, tmp_path):
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=6", "sharp.decoder_width=32",
+                                             "sharp.r1=1", "sharp.adv_weight=0.5", sharp_steps=6))
+    run = only_run(tmp_path)
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    assert ckpt["sharp"]["decoder_width"] == 32 and ckpt["sharp"]["decoder"]["decoder.1.weight"].shape[0] == 256
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r["sharp_disc"]]
+    assert rows and all(torch.isfinite(torch.tensor(float(r["sharp_disc"]))) for r in rows)
+    proc = run_module("pipeline.sample", f"paths.output_dir={tmp_path}", f"ckpt={run}", "n=4", "nrow=2")
+    assert list(tmp_path.rglob("samples_*_sharp*.png")), proc.stdout[-2000:]
+
+
 def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_path):
     run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=8"))
     run = only_run(tmp_path)
@@ -137,6 +171,8 @@ def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_p
     (["sharp.loss=wasserstein"], "sharp.loss='wasserstein'"),
     (["sharp.disc_layers=9"], "sharp.disc_layers=9 is out of range"),
     (["sharp.adv_weight=-1"], "sharp.adv_weight=-1"),
+    (["sharp.decoder_width=8"], "sharp.decoder_width=8 is narrower than the ELBO decoder (16)"),
+    (["sharp.r1=-1"], "sharp.r1=-1"),
 ])
 def test_bad_sharp_settings_are_one_line(tiny_data, tmp_path, args, message):
     proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path, *args), check=False)
