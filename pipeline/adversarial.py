@@ -22,6 +22,8 @@ from pipeline.model import VAE, model_device
 
 # the sharp decoder's state in a checkpoint: these VAE keys (the encoder is the ELBO model's)
 DECODER_PREFIXES = ("project.", "decoder.")
+# what one step returns, as metrics.csv names it
+SHARP_FIELDS = ["sharp_rec_l1", "sharp_adv", "sharp_disc", "sharp_adv_weight"]
 
 
 @dataclass
@@ -187,17 +189,17 @@ class SharpPhase:
     def __init__(self, cfg: SharpConfig, vae: VAE, seed: int, channels_last: bool):
         self.cfg = cfg
         self.vae = vae
+        self.disc, self.opt_d = None, None  # none for the reconstruction term alone (sharp.adv_weight=0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.decoder = (copy.deepcopy(vae) if cfg.decoder_width is None else
                             wider_copy(vae, cfg.decoder_width)).train()
-            disc = PatchDiscriminator(cfg.disc_width, cfg.disc_layers, cfg.disc_norm)
-            self.disc = disc.to(next(vae.parameters()).device)
-        if channels_last:
-            self.disc = self.disc.to(memory_format=torch.channels_last)
+            if cfg.adv_weight > 0:
+                disc = PatchDiscriminator(cfg.disc_width, cfg.disc_layers, cfg.disc_norm).to(model_device(vae))
+                self.disc = disc.to(memory_format=torch.channels_last) if channels_last else disc
+                self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
         params = [p for name, p in self.decoder.named_parameters() if name.startswith(DECODER_PREFIXES)]
         self.opt_g = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9))
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
         self.average = AveragedModel(self.decoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) \
             if cfg.ema else None
         self.steps_done = 0
@@ -211,8 +213,9 @@ class SharpPhase:
         """"decoder" is what samples (the average, with sharp.ema); the trained weights are "trained" then."""
         averaged = {"trained": decoder_state(self.decoder), "ema_n": int(self.average.n_averaged)} \
             if self.average is not None else {}
-        return {"decoder": decoder_state(self.sampler), "decoder_width": self.cfg.decoder_width, **averaged, "disc": self.disc.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "steps_done": self.steps_done}
+        judged = {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()} if self.disc is not None else {}
+        return {"decoder": decoder_state(self.sampler), "decoder_width": self.cfg.decoder_width, **averaged,
+                **judged, "opt_g": self.opt_g.state_dict(), "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
         if self.average is not None:
@@ -220,10 +223,19 @@ class SharpPhase:
             self.average.n_averaged.fill_(state["ema_n"])
         trained = state["trained"] if self.average is not None else state["decoder"]
         self.decoder.load_state_dict({**self.decoder.state_dict(), **trained})
-        self.disc.load_state_dict(state["disc"])
+        if self.disc is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
         self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
         self.steps_done = state["steps_done"]
+
+    def row(self, means: list[float]) -> dict:
+        """A metrics.csv row's fields from the mean of `step`'s values since the last row."""
+        return {**dict(zip(SHARP_FIELDS, means)), "lr": self.cfg.lr}
+
+    @staticmethod
+    def summary(means: list[float]) -> str:
+        return "sharp decoder, train L1 {:.4f}, adversarial {:.3f}, discriminator {:.3f}".format(*means[:3])
 
     def augment(self, x):
         return diff_augment(x) if self.cfg.diffaugment else x

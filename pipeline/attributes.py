@@ -18,7 +18,8 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.hair import PALETTE, label_hair
-from pipeline.io import atomic_write, atomic_write_bytes
+from pipeline.io import atomic_write_bytes
+from pipeline.stored import load_stored, save_stored
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +60,12 @@ def hair_for_run(codes: torch.Tensor, train_uint8: np.ndarray, step: int) -> dic
 
 
 def save_hair(run_dir, hair: dict) -> Path:
-    path = Path(run_dir) / HAIR_NAME
-    atomic_write(path, lambda f: torch.save(hair, f))
-    return path
+    return save_stored(Path(run_dir) / HAIR_NAME, hair)
 
 
 def load_hair(run_dir) -> dict | None:
-    path = Path(run_dir) / HAIR_NAME
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:
-        raise PipelineError(f"{path} is not readable ({type(err).__name__}); delete it and it is computed again "
-                            "when the training split is there") from err
+    return load_stored(Path(run_dir) / HAIR_NAME, "file of hair colours", "delete it and it is computed again "
+                       "when the training split is there")
 
 
 def conditioned(hair: dict, colour: str) -> dict:

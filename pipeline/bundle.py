@@ -11,7 +11,6 @@ safetensors weights and prior, a config.json, nothing pickled.
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
@@ -105,7 +104,9 @@ def read_model(folder: Path, config: dict) -> tuple[dict, dict | None]:
     elbo = {k: v for k, v in tensors.items() if not k.startswith(SHARP_PREFIX)}
     checked_weights(path, elbo, expected, f"the model of model_args {config['model_args']}")
     if "sharp" in config.get("decoders", []):
-        decoder = {k: v for k, v in expected.items() if k.startswith(("project.", "decoder."))}
+        width = config.get("sharp_decoder_width")
+        shaped = expected if width is None else VAE(**{**config["model_args"], "decoder_width": width}).state_dict()
+        decoder = {k: v for k, v in shaped.items() if k.startswith(("project.", "decoder."))}
         checked_weights(path, sharp, decoder, "its sharp decoder")
     return elbo, (sharp or None)
 
@@ -155,7 +156,8 @@ def read_export(folder) -> dict:
     config = read_config(folder)
     elbo, sharp = read_model(folder, config)
     data = config["data"]
-    return {"model_args": config["model_args"], "model": elbo, **({"sharp": {"decoder": sharp}} if sharp else {}),
+    sharp = {"decoder": sharp, "decoder_width": config.get("sharp_decoder_width")} if sharp else None
+    return {"model_args": config["model_args"], "model": elbo, **({"sharp": sharp} if sharp else {}),
             "step": config["step"], "encoder_step": config["encoder_step"], "obs_std": config["obs_std"],
             "likelihood": config["likelihood"], "best_test_elbo": config.get("test_elbo"),
             "config": {"train": {"train_file": data.get("train_file", "train.npy"),

@@ -122,6 +122,7 @@ def export_config(run: Run, prior: dict, hair: dict) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "decoders": ["elbo", *(["sharp"] if run.sharp_model is not None else [])],
         "default_decoder": "sharp" if run.sharp_model is not None else "elbo",
+        "sharp_decoder_width": ckpt["sharp"].get("decoder_width") if "sharp" in ckpt else None,
         "step": ckpt["step"], "encoder_step": run.encoder_step, "vae_steps": ckpt.get("vae_steps", run.encoder_step),
         "test_elbo": test_elbo,
         "test_bpd": None if test_elbo is None else bits_per_dim(-test_elbo, 3 * model.image_size ** 2),

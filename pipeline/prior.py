@@ -12,7 +12,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write
+from pipeline.stored import load_stored, save_stored
 from pipeline.model import VAE, encode_means
 
 log = logging.getLogger(__name__)
@@ -64,21 +64,13 @@ def answers(prior: dict, components: int) -> bool:
 
 
 def save_prior(run_dir, prior: dict) -> Path:
-    path = Path(run_dir) / PRIOR_NAME
-    atomic_write(path, lambda f: torch.save(prior, f))
-    return path
+    return save_stored(Path(run_dir) / PRIOR_NAME, prior)
 
 
 def load_prior(run_dir) -> dict | None:
     """The prior stored in a run folder, or None for runs trained before priors were stored."""
-    path = Path(run_dir) / PRIOR_NAME
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:
-        raise PipelineError(f"{path} is not a readable prior ({type(err).__name__}); delete it and it is "
-                            "fitted again when the training split is there, or sample with prior=normal") from err
+    return load_stored(Path(run_dir) / PRIOR_NAME, "prior", "delete it and it is fitted again when the training "
+                       "split is there, or sample with prior=normal")
 
 
 def sample_latents(prior: dict | None, n: int, latent_dim: int, generator: torch.Generator,

@@ -38,23 +38,24 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pipeline.adversarial import SharpConfig, SharpPhase, phase_split, sharp_steps
+from pipeline.adversarial import SHARP_FIELDS, SharpConfig, SharpPhase, phase_split, sharp_steps
 from pipeline.attributes import hair_for_run, load_hair, save_hair
 from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
 from pipeline.errors import PipelineError, exit_on_error, hydra_output_dir, remove_if_no_results
 from pipeline.images import to_float
-from pipeline.io import JsonlLog, atomic_write
+from pipeline.io import atomic_write
 from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, encode_means, evaluate_elbo,
-                            model_settings, negative_elbo, recon_grid)
+                            negative_elbo, recon_grid)
 from pipeline.prior import fit_gmm_prior, load_prior, save_prior
-from pipeline.runs import CKPT_FORMAT, CKPT_NAME, find_checkpoint, load_checkpoint, load_split, pick_device
+from pipeline.resume import (Progress, checkpoint_state, command_line_keys, record_resume, resolve_resume,
+                             restore_checkpoint, resume_config, rng_states)
+from pipeline.runs import CKPT_NAME, load_split, pick_device
 
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["step", "epoch", "loss", "nll", "kl", "lr", "img_per_s", "test_elbo", "test_nll",
-                 "test_kl", "test_bpd", "sharp_rec_l1", "sharp_adv", "sharp_disc", "sharp_adv_weight"]
-SHARP_FIELDS = ["sharp_rec_l1", "sharp_adv", "sharp_disc", "sharp_adv_weight"]
+                 "test_kl", "test_bpd", *SHARP_FIELDS]
 
 
 class TrainError(PipelineError):
@@ -105,16 +106,6 @@ class TrainJob:
     resume: str | None = key()
 
 
-# What a resumed run may change (given on the command line, recorded in resumes.jsonl); every other key
-# keeps the run's value, and giving it a different one is refused: it would change what the run means.
-RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.eval_every", "train.num_threads",
-                     "train.eval_batch_size", "train.grid_n", "train.compile", "train.fused_adam",
-                     "train.prior_components", "device", "paths.output_dir", "resume", "preset",
-                     "sharp.epochs", "sharp.max_steps"}
-# ...and, until its sharp-decoder phase has begun, every sharp.* key (so a finished VAE run gets a sharp decoder)
-SHARP_KEYS = {f"sharp.{name}" for name in SharpConfig.__dataclass_fields__}
-
-
 @dataclass
 class Proc:
     """This process's place in the job, the device it trains on, and whether it computes in bf16."""
@@ -151,12 +142,6 @@ class Parts:
         if self.sharp is None:
             self.sharp = SharpPhase(cfg.sharp, self.sampler, cfg.seed, cfg.train.channels_last)
         return self.sharp
-
-
-@dataclass
-class Progress:
-    step: int = 0
-    best_test_elbo: float = -math.inf
 
 
 # ---------------------------------------------------------------- phase 1: processes and device
@@ -282,97 +267,6 @@ def wrap(cfg, parts: Parts, proc: Proc) -> None:
                                             if proc.device.type == "cuda" else None)
 
 
-# ---------------------------------------------------------------- phase 4: the checkpoint, saved <-> restored
-
-def rng_states(proc: Proc) -> list[dict]:
-    """Every rank's RNG state (gathered on every rank; rank 0 saves them)."""
-    cuda = torch.cuda.get_rng_state(proc.device) if proc.device.type == "cuda" else None
-    rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
-    if proc.world == 1:
-        return [rng]
-    rngs = [None] * proc.world
-    dist.all_gather_object(rngs, rng)
-    return rngs
-
-
-def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_per_epoch: int,
-                     vae_steps: int) -> dict:
-    return {"format": CKPT_FORMAT, "model_args": parts.model_args, "model": parts.core.state_dict(),
-            "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
-            "step": progress.step, "epoch": progress.step // steps_per_epoch,
-            "vae_steps": vae_steps, "encoder_step": min(progress.step, vae_steps),
-            **({"sharp": parts.sharp.state_dict()} if parts.sharp else {}),
-            "best_test_elbo": progress.best_test_elbo, "rng": rngs,
-            "obs_std": float(cfg.obs_std), "likelihood": cfg.likelihood,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            **({"ema": parts.ema.module.state_dict(), "ema_n": int(parts.ema.n_averaged)} if parts.ema else {})}
-
-
-def restore_checkpoint(cfg, path: Path, parts: Parts, proc: Proc) -> Progress:
-    ckpt = load_checkpoint(path, map_location=proc.device)
-    if model_settings(ckpt["model_args"]) != model_settings(parts.model_args):
-        raise TrainError(f"{path} was trained with {ckpt['model_args']}, not {parts.model_args}; "
-                         "resume with the same model settings")
-    parts.core.load_state_dict(ckpt["model"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    if parts.ema is not None:
-        if "ema" not in ckpt:
-            raise TrainError(f"{path} was trained without train.ema; resume it with train.ema=0")
-        parts.ema.module.load_state_dict(ckpt["ema"])
-        parts.ema.n_averaged.fill_(ckpt["ema_n"])
-    if "sharp" in ckpt:
-        parts.start_sharp(cfg).load_state_dict(ckpt["sharp"])
-    rng = ckpt["rng"][proc.rank] if proc.rank < len(ckpt["rng"]) else ckpt["rng"][0]
-    torch.set_rng_state(rng["cpu"].cpu())
-    if proc.device.type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), proc.device)
-    log.info("resuming %s at step %d", path, ckpt["step"])
-    return Progress(ckpt["step"], ckpt["best_test_elbo"])
-
-
-def resolve_resume(cfg) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if str(cfg.resume) == "latest":
-        return find_checkpoint(cfg.paths.output_dir, obs_std=cfg.obs_std)
-    return find_checkpoint(cfg.paths.output_dir, ckpt=cfg.resume)
-
-
-def command_line_keys() -> list[str]:
-    """The keys given on the command line (k=v, +k=v, ++k=v, ~k)."""
-    return [o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task]
-
-
-def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict, int]:
-    """The resumed run's own config (keys it predates take today's defaults), with only the keys of
-    RESUME_MAY_CHANGE taken from the command line; the changes made, {key: [old, new]}; its step."""
-    ckpt_path = resolve_resume(cfg)
-    ckpt = load_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.merge(cfg, ckpt["config"])
-    changed = {}
-    may_change = RESUME_MAY_CHANGE | (set() if "sharp" in ckpt else SHARP_KEYS)
-    for name in command_line_keys():
-        new, old = OmegaConf.select(cfg, name), OmegaConf.select(run_cfg, name)
-        if new == old or name in ("resume", "preset"):
-            continue
-        if name not in may_change:
-            raise TrainError(f"resume: {name}={new} would change what the run {ckpt_path.parent} means (it was "
-                             f"trained with {name}={old}); start a new run instead. A resumed run may change only "
-                             f"{', '.join(sorted(may_change - {'resume', 'preset'}))}")
-        OmegaConf.update(run_cfg, name, new)
-        changed[name] = [OmegaConf.to_container(old) if OmegaConf.is_config(old) else old, new]
-    run_cfg.resume = str(ckpt_path)
-    return checked(run_cfg, TrainJob), changed, ckpt["step"]
-
-
-def record_resume(run_dir: Path, step: int, changed: dict) -> None:
-    with JsonlLog(run_dir / "resumes.jsonl") as resumes:
-        resumes.append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "changed": changed})
-    for name, (old, new) in changed.items():
-        log.info("resume: %s changed from %s to %s (recorded in resumes.jsonl)", name, old, new)
-
-
 # ---------------------------------------------------------------- phase 5: rank-0 outputs
 
 class RunOutputs:
@@ -399,9 +293,9 @@ class RunOutputs:
     def write_row(self, row: dict) -> None:
         self.metrics.writerow(row)
         self.metrics_file.flush()
-        for key, value in row.items():
-            if key != "step":
-                self.writer.add_scalar(key, value, row["step"])
+        for name, value in row.items():
+            if name != "step":
+                self.writer.add_scalar(name, value, row["step"])
 
     def save_grids(self, model: VAE, test: torch.Tensor, epoch: int, prefix: str = "") -> None:
         """Decoder means of fixed N(0, I) draws, and test faces above their reconstructions."""
@@ -533,17 +427,17 @@ def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Prog
     if outputs is None:
         return
     row = {"step": step, "epoch": step / steps_per_epoch, "img_per_s": img_s}
-    if len(means) == 3:
+    in_sharp_phase = len(means) != 3
+    if in_sharp_phase:
+        row.update(parts.sharp.row(means))
+        bar.set_postfix(rec=f"{means[0]:.4f}", disc=f"{means[2]:.3f}", img_s=f"{img_s:.0f}")
+    else:
         row.update(zip(["loss", "nll", "kl"], means), lr=parts.scheduler.get_last_lr()[0])
         bar.set_postfix(loss=f"{means[0]:.1f}", kl=f"{means[2]:.1f}", img_s=f"{img_s:.0f}")
-    else:
-        row.update(zip(SHARP_FIELDS, means), lr=cfg.sharp.lr)
-        bar.set_postfix(rec=f"{means[0]:.4f}", disc=f"{means[2]:.3f}", img_s=f"{img_s:.0f}")
     epoch = math.ceil(step / steps_per_epoch)
-    if evaluate_now and parts.sharp:
+    if evaluate_now and in_sharp_phase:
         outputs.save_grids(parts.sharp.sampler, test, epoch, prefix="sharp_")
-        log.info("epoch %.2f step %d: sharp decoder, train L1 %.4f, adversarial %.3f, discriminator %.3f",
-                 row["epoch"], step, *means[:3])
+        log.info("epoch %.2f step %d: %s", row["epoch"], step, parts.sharp.summary(means))
     elif evaluate_now:
         row.update(evaluate_elbo(parts.core, test, cfg.likelihood, cfg.obs_std, cfg.train.eval_batch_size))
         progress.best_test_elbo = max(progress.best_test_elbo, row["test_elbo"])
@@ -704,7 +598,7 @@ def resolve_preset(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     cfg = checked(resolve_preset(cfg), TrainJob)
     if cfg.resume is not None:
-        cfg, changed, step = resume_config(cfg)
+        cfg, changed, step = resume_config(cfg, TrainJob)
         if dist_env()[0] == 0:
             record_resume(Path(cfg.resume).parent, step, changed)
     else:

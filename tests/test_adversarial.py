@@ -2,12 +2,14 @@
 follows is left exactly as it was, and the phase resumes exactly)."""
 import csv
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.adversarial import (PatchDiscriminator, adaptive_weight, cutout, decoder_state, diff_augment,
                                   discriminator_loss, generator_loss, last_layer, r1_penalty, translate,
                                   wider_copy, with_decoder)
+from pipeline.api import load
 from pipeline.model import VAE
 from pipeline.runs import load_checkpoint
 from tests.helpers import run_module, train_args
@@ -155,6 +157,20 @@ def test_a_wider_sharp_decoder_with_r1_trains_and_samples(tiny_data, tmp_path):
     assert rows and all(torch.isfinite(torch.tensor(float(r["sharp_disc"]))) for r in rows)
     proc = run_module("pipeline.sample", f"paths.output_dir={tmp_path}", f"ckpt={run}", "n=4", "nrow=2")
     assert list(tmp_path.rglob("samples_*_sharp*.png")), proc.stdout[-2000:]
+    # an export carries the wider decoder, and reads back as the run does
+    run_module("pipeline.export", f"paths.output_dir={tmp_path}", f"ckpt={run}", f"out={tmp_path}/export",
+               "cascade=false")
+    from_run, from_export = load(run, device="cpu"), load(tmp_path / "export", device="cpu")
+    assert np.array_equal(from_run.sample(4, seed=1), from_export.sample(4, seed=1))
+
+
+def test_the_reconstruction_term_alone_builds_no_discriminator_and_resumes(tiny_data, tmp_path):
+    common = ["train.max_steps=4", "sharp.adv_weight=0"]
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, *common, sharp_steps=3))
+    run = only_run(tmp_path)
+    assert not {"disc", "opt_d"} & set(load_checkpoint(run / "ckpt.pt")["sharp"])
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path, *common, f"resume={run}", sharp_steps=5))
+    assert load_checkpoint(run / "ckpt.pt")["sharp"]["steps_done"] == 5
 
 
 def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_path):

@@ -2,7 +2,6 @@
 named sliders and sliders made from examples (pipeline/hair.py, pipeline/attributes.py)."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

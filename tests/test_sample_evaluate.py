@@ -222,7 +222,7 @@ def test_the_sharp_decoder_draws_by_default_and_decoder_elbo_draws_the_exact_one
     assert "sharp decoder" in sharp.stderr + sharp.stdout
     elbo = sample(tiny_runs, "+obs_std=0.1", "decoder=elbo", f"out={tmp_path}/elbo.png")
     assert "elbo decoder (decoder=elbo; the run also has a sharp one)" in elbo.stderr + elbo.stdout
-    explicit = sample(tiny_runs, "+obs_std=0.1", "decoder=sharp", f"out={tmp_path}/explicit.png")
+    sample(tiny_runs, "+obs_std=0.1", "decoder=sharp", f"out={tmp_path}/explicit.png")
     a, b, c = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in ("sharp", "elbo", "explicit"))
     assert not np.array_equal(a, b) and np.array_equal(a, c)  # same codes, two decoders
     old = sample(tiny_runs, "+obs_std=0.3", "n=4", f"out={tmp_path}/old.png")
