@@ -4,14 +4,11 @@ pipeline/train.py saves `checkpoint_state` every train.ckpt_every steps, at each
 signal, and `restore_checkpoint` puts every part back (model, optimizer, schedule, moving average, the
 sharp decoder's phase, every rank's random state), so a resumed run continues as if never stopped.
 """
-from __future__ import annotations
-
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,9 +21,6 @@ from pipeline.errors import ConfigError
 from pipeline.io import JsonlLog
 from pipeline.model import model_settings
 from pipeline.runs import CKPT_FORMAT, find_checkpoint, load_checkpoint
-
-if TYPE_CHECKING:
-    from pipeline.train import Parts, Proc
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +41,8 @@ RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "tra
 SHARP_KEYS = {f"sharp.{name}" for name in SharpConfig.__dataclass_fields__}
 
 
-
-
-def rng_states(proc: Proc) -> list[dict]:
-    """Every rank's RNG state (gathered on every rank; rank 0 saves them)."""
+def rng_states(proc) -> list[dict]:
+    """Every rank's RNG state (gathered on every rank; rank 0 saves them). `proc`: train.py's Proc."""
     cuda = torch.cuda.get_rng_state(proc.device) if proc.device.type == "cuda" else None
     rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
     if proc.world == 1:
@@ -60,8 +52,9 @@ def rng_states(proc: Proc) -> list[dict]:
     return rngs
 
 
-def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_per_epoch: int,
+def checkpoint_state(cfg, parts, progress: Progress, rngs: list, steps_per_epoch: int,
                      vae_steps: int) -> dict:
+    """Everything a resume needs (`parts`: train.py's Parts, what training updates)."""
     return {"format": CKPT_FORMAT, "model_args": parts.model_args, "model": parts.core.state_dict(),
             "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
             "step": progress.step, "epoch": progress.step // steps_per_epoch,
@@ -73,11 +66,11 @@ def checkpoint_state(cfg, parts: Parts, progress: Progress, rngs: list, steps_pe
             **({"ema": parts.ema.module.state_dict(), "ema_n": int(parts.ema.n_averaged)} if parts.ema else {})}
 
 
-def restore_checkpoint(cfg, path: Path, parts: Parts, proc: Proc) -> Progress:
+def restore_checkpoint(cfg, path: Path, parts, proc) -> Progress:
     ckpt = load_checkpoint(path, map_location=proc.device)
     if model_settings(ckpt["model_args"]) != model_settings(parts.model_args):
         raise ConfigError(f"{path} was trained with {ckpt['model_args']}, not {parts.model_args}; "
-                         "resume with the same model settings")
+                          "resume with the same model settings")
     parts.core.load_state_dict(ckpt["model"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scheduler.load_state_dict(ckpt["scheduler"])
@@ -123,8 +116,8 @@ def resume_config(cfg: DictConfig, schema: type) -> tuple[DictConfig, dict, int]
             continue
         if name not in may_change:
             raise ConfigError(f"resume: {name}={new} would change what the run {ckpt_path.parent} means (it was "
-                             f"trained with {name}={old}); start a new run instead. A resumed run may change only "
-                             f"{', '.join(sorted(may_change - {'resume', 'preset'}))}")
+                              f"trained with {name}={old}); start a new run instead. A resumed run may change only "
+                              f"{', '.join(sorted(may_change - {'resume', 'preset'}))}")
         OmegaConf.update(run_cfg, name, new)
         changed[name] = [OmegaConf.to_container(old) if OmegaConf.is_config(old) else old, new]
     run_cfg.resume = str(ckpt_path)
