@@ -44,6 +44,7 @@ class SharpConfig:
     ema: float = key(low=0, high=0.999999)
     disc_norm: str = key(choices=("batch", "none"))
     r1: float = key(low=0)
+    rec_pool: int = key(low=1, high=64)
     decoder_width: int | None = key(low=1)
 
 
@@ -110,6 +111,12 @@ def discriminator_loss(real_logits, fake_logits, kind: str) -> torch.Tensor:
 
 def generator_loss(fake_logits, kind: str) -> torch.Tensor:
     return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
+
+
+def pooled(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The means of size x size blocks: the reconstruction term at a coarser scale leaves finer detail to the
+    discriminator (1: every pixel)."""
+    return F.avg_pool2d(x, size) if size > 1 else x
 
 
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -249,7 +256,7 @@ class SharpPhase:
         z = mu if self.cfg.codes == "mean" else mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         with autocast:
             fake = torch.sigmoid(self.decoder.decode(z))
-        rec = (fake - x).abs().mean()
+        rec = (pooled(fake, self.cfg.rec_pool) - pooled(x, self.cfg.rec_pool)).abs().mean()
         adversarial = self.steps_done >= self.cfg.warmup_steps and self.cfg.adv_weight > 0
         g_loss, weight = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
         if adversarial:

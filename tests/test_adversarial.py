@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.adversarial import (PatchDiscriminator, adaptive_weight, cutout, decoder_state, diff_augment,
-                                  discriminator_loss, generator_loss, last_layer, r1_penalty, translate,
+                                  discriminator_loss, generator_loss, last_layer, pooled, r1_penalty, translate,
                                   wider_copy, with_decoder)
 from pipeline.api import load
 from pipeline.model import VAE
@@ -91,6 +91,12 @@ def test_the_r1_penalty_is_the_squared_gradient_norm_at_real_faces():
     assert torch.isclose(r1_penalty(logits, real), weights.pow(2).sum(), rtol=1e-5)
 
 
+def test_the_coarse_reconstruction_term_compares_block_means():
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(pooled(x, 1), x)
+    assert torch.allclose(pooled(x, 4)[:, :, 1, 0], x[:, :, 4:, :4].mean((2, 3)))
+
+
 def test_a_wider_sharp_decoder_starts_as_the_elbo_decoder():
     torch.manual_seed(0)
     model = VAE(width=8, depth=4, latent_dim=8, decoder_width=8).eval()
@@ -147,9 +153,10 @@ def test_a_resumed_sharp_phase_gives_the_same_weights_as_an_uninterrupted_one(ti
     assert refused.returncode == 2 and "sharp.adv_weight=2" in refused.stderr
 
 
-def test_a_wider_sharp_decoder_with_r1_trains_and_samples(tiny_data, tmp_path):
+def test_a_wider_sharp_decoder_with_r1_and_a_coarse_l1_trains_samples_and_exports(tiny_data, tmp_path):
     run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=6", "sharp.decoder_width=32",
-                                             "sharp.r1=1", "sharp.adv_weight=0.5", sharp_steps=6))
+                                             "sharp.r1=1", "sharp.adv_weight=0.5", "sharp.rec_pool=4",
+                                             sharp_steps=6))
     run = only_run(tmp_path)
     ckpt = load_checkpoint(run / "ckpt.pt")
     assert ckpt["sharp"]["decoder_width"] == 32 and ckpt["sharp"]["decoder"]["decoder.1.weight"].shape[0] == 256
@@ -189,6 +196,7 @@ def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_p
     (["sharp.adv_weight=-1"], "sharp.adv_weight=-1"),
     (["sharp.decoder_width=8"], "sharp.decoder_width=8 is narrower than the ELBO decoder (16)"),
     (["sharp.r1=-1"], "sharp.r1=-1"),
+    (["sharp.rec_pool=0"], "sharp.rec_pool=0"),
 ])
 def test_bad_sharp_settings_are_one_line(tiny_data, tmp_path, args, message):
     proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path, *args), check=False)
