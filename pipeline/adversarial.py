@@ -154,14 +154,22 @@ def with_decoder(model: VAE, state: dict, decoder_width: int | None = None) -> V
     return sharp
 
 
+def decoder_width_problem(decoder_width: int | None, model_args) -> str | None:
+    """Why sharp.decoder_width cannot be used with a model of `model_args`, or None when it can."""
+    narrowest = model_args["decoder_width"] or model_args["width"]
+    if decoder_width is not None and decoder_width < narrowest:
+        return (f"sharp.decoder_width={decoder_width} is narrower than the ELBO decoder ({narrowest}): use null "
+                f"(the same width) or at least {narrowest}")
+    return None
+
+
 def wider_copy(model: VAE, decoder_width: int) -> VAE:
     """A copy of `model` whose decoder has `decoder_width` channels at its last level (doubled towards the
     code) and, at first, computes exactly what `model`'s does (Net2WiderNet: the old weights in place, the
     new channels' incoming weights random, their outgoing ones zero)."""
-    narrowest = model.settings["decoder_width"] or model.settings["width"]
-    if decoder_width < narrowest:
-        raise ValueError(f"sharp.decoder_width={decoder_width} is narrower than the ELBO decoder ({narrowest}): "
-                         f"use null (the same width) or at least {narrowest}")
+    problem = decoder_width_problem(decoder_width, model.settings)
+    if problem:
+        raise ValueError(problem)
     wide = copy.deepcopy(model)
     wide.settings["decoder_width"] = decoder_width
     fresh = VAE(**wide.settings).to(model_device(model))

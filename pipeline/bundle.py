@@ -154,10 +154,11 @@ def read_export(folder) -> dict:
     file names: the caller's data folder holds them)."""
     folder = Path(folder)
     config = read_config(folder)
-    elbo, sharp = read_model(folder, config)
+    elbo, sharp_decoder = read_model(folder, config)
     data = config["data"]
-    sharp = {"decoder": sharp, "decoder_width": config.get("sharp_decoder_width")} if sharp else None
-    return {"model_args": config["model_args"], "model": elbo, **({"sharp": sharp} if sharp else {}),
+    sharp = {"sharp": {"decoder": sharp_decoder, "decoder_width": config.get("sharp_decoder_width")}} \
+        if sharp_decoder else {}
+    return {"model_args": config["model_args"], "model": elbo, **sharp,
             "step": config["step"], "encoder_step": config["encoder_step"], "obs_std": config["obs_std"],
             "likelihood": config["likelihood"], "best_test_elbo": config.get("test_elbo"),
             "config": {"train": {"train_file": data.get("train_file", "train.npy"),

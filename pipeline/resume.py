@@ -33,8 +33,8 @@ class Progress:
 
 # What a resumed run may change (given on the command line, recorded in resumes.jsonl); every other key
 # keeps the run's value, and giving it a different one is refused: it would change what the run means.
-RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.eval_every", "train.num_threads",
-                     "train.eval_batch_size", "train.grid_n", "train.compile", "train.fused_adam",
+RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "train.log_every", "train.eval_every",
+                     "train.num_threads", "train.eval_batch_size", "train.grid_n", "train.compile", "train.fused_adam",
                      "train.prior_components", "device", "paths.output_dir", "resume", "preset",
                      "sharp.epochs", "sharp.max_steps"}
 # ...and, until its sharp-decoder phase has begun, every sharp.* key (so a finished VAE run gets a sharp decoder)

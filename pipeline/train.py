@@ -38,7 +38,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pipeline.adversarial import SHARP_FIELDS, SharpConfig, SharpPhase, phase_split, sharp_steps
+from pipeline.adversarial import (SHARP_FIELDS, SharpConfig, SharpPhase, decoder_width_problem, phase_split,
+                                  sharp_steps)
 from pipeline.attributes import hair_for_run, load_hair, save_hair
 from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
@@ -159,10 +160,10 @@ def check_objective(cfg) -> None:
 
 
 def check_sharp(cfg) -> None:
-    narrowest = cfg.model.decoder_width or cfg.model.width
-    if cfg.sharp.decoder_width is not None and cfg.sharp.decoder_width < narrowest:
-        raise TrainError(f"sharp.decoder_width={cfg.sharp.decoder_width} is narrower than the ELBO decoder "
-                         f"({narrowest}): use null (the same width) or at least {narrowest}")
+    """Before the VAE's steps, not after them: a sharp decoder that cannot be built."""
+    problem = decoder_width_problem(cfg.sharp.decoder_width, cfg.model)
+    if problem:
+        raise TrainError(problem)
 
 
 def setup_processes(cfg) -> Proc:
