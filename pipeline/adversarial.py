@@ -1,5 +1,5 @@
 """The sharp decoder's training: a patch discriminator, its losses and DiffAugment, and the phase that
-fine-tunes a copy of the ELBO decoder after the VAE has trained.
+trains a copy of the ELBO decoder after the VAE has trained (or beside it, from sharp.joint_from).
 
 A Gaussian decoder trained on the ELBO predicts the mean of every face a code could be, so it is blurry
 by design. The sharp decoder starts as a copy of it and learns, on the frozen encoder's codes (posterior
@@ -7,7 +7,8 @@ draws of the training faces), to reconstruct them (L1) while a PatchGAN discrimi
 from real ones, as the KL-regularised autoencoder of latent diffusion does: the adversarial term's
 weight is set each step from the ratio of gradient norms at the decoder's last layer. DiffAugment
 (colour, translation, cutout) on both of the discriminator's inputs keeps it from memorising 15k faces.
-The encoder, the ELBO decoder, the stored prior and every reported ELBO stay exactly the VAE's.
+The encoder, the ELBO decoder, the stored prior and every reported ELBO stay exactly the VAE's: the phase
+draws its noise from a generator of its own, so even trained beside the VAE it leaves the VAE's steps as they are.
 """
 import copy
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import key
-from pipeline.model import VAE, model_device
+from pipeline.model import VAE, evaluating, model_device
 
 # the sharp decoder's state in a checkpoint: these VAE keys (the encoder is the ELBO model's)
 DECODER_PREFIXES = ("project.", "decoder.")
@@ -46,6 +47,7 @@ class SharpConfig:
     r1: float = key(low=0)
     rec_pool: int = key(low=1, high=64)
     decoder_width: int | None = key(low=1)
+    joint_from: int | None = key(low=0)
 
 
 class PatchDiscriminator(nn.Module):
@@ -69,22 +71,23 @@ class PatchDiscriminator(nn.Module):
         return self.net(x * 2 - 1).float()
 
 
-def diff_augment(x: torch.Tensor) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """DiffAugment (Zhao et al. 2020), differentiable: random brightness, saturation and contrast, a
     translation by up to 1/8 of the side (zero padded) and a cutout of half the side, per image."""
-    n, device = len(x), x.device
-    x = x + (torch.rand(n, 1, 1, 1, device=device) - 0.5)
+    def uniform():
+        return torch.rand(len(x), 1, 1, 1, device=x.device, generator=generator)
+    x = x + (uniform() - 0.5)
     mean = x.mean(1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=device) * 2) + mean
+    x = (x - mean) * (uniform() * 2) + mean
     mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=device) + 0.5) + mean
-    return cutout(translate(x, 0.125), 0.5)
+    x = (x - mean) * (uniform() + 0.5) + mean
+    return cutout(translate(x, 0.125, generator), 0.5, generator)
 
 
-def translate(x: torch.Tensor, ratio: float) -> torch.Tensor:
+def translate(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     n, _, h, w = x.shape
     shift = int(h * ratio + 0.5)
-    dy, dx = (torch.randint(-shift, shift + 1, (2, n, 1, 1), device=x.device))
+    dy, dx = (torch.randint(-shift, shift + 1, (2, n, 1, 1), device=x.device, generator=generator))
     rows = (torch.arange(h, device=x.device)[None, :, None] + dy).clamp(-1, h)
     cols = (torch.arange(w, device=x.device)[None, None, :] + dx).clamp(-1, w)
     padded = F.pad(x, [1, 1, 1, 1])
@@ -92,11 +95,11 @@ def translate(x: torch.Tensor, ratio: float) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows + 1, cols + 1].permute(0, 3, 1, 2)
 
 
-def cutout(x: torch.Tensor, ratio: float) -> torch.Tensor:
+def cutout(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     n, _, h, w = x.shape
     size = int(h * ratio + 0.5)
-    top = torch.randint(0, h + (1 - size % 2), (n, 1, 1), device=x.device) - size // 2
-    left = torch.randint(0, w + (1 - size % 2), (n, 1, 1), device=x.device) - size // 2
+    top = torch.randint(0, h + (1 - size % 2), (n, 1, 1), device=x.device, generator=generator) - size // 2
+    left = torch.randint(0, w + (1 - size % 2), (n, 1, 1), device=x.device, generator=generator) - size // 2
     rows = torch.arange(h, device=x.device)[None, :, None]
     cols = torch.arange(w, device=x.device)[None, None, :]
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
@@ -199,11 +202,13 @@ def grow_into(new: nn.Module, old: nn.Module) -> None:
 class SharpPhase:
     """The sharp decoder (a copy of the VAE with its own decoder weights), the discriminator, their
     optimizers, and one training step of both. Gradients are averaged over ranks by hand (the two
-    adversarial passes and the adaptive weight's autograd.grad do not fit DistributedDataParallel)."""
+    adversarial passes and the adaptive weight's autograd.grad do not fit DistributedDataParallel). Its noise
+    (posterior draws, DiffAugment) comes from `generator`, one per rank, never from the VAE's random stream."""
 
-    def __init__(self, cfg: SharpConfig, vae: VAE, seed: int, channels_last: bool):
+    def __init__(self, cfg: SharpConfig, vae: VAE, seed: int, channels_last: bool, rank: int = 0):
         self.cfg = cfg
         self.vae = vae
+        self.generator = torch.Generator(model_device(vae)).manual_seed(seed * 1_000_003 + 999_983 + rank)
         self.disc, self.opt_d = None, None  # none for the reconstruction term alone (sharp.adv_weight=0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -244,24 +249,25 @@ class SharpPhase:
         self.opt_g.load_state_dict(state["opt_g"])
         self.steps_done = state["steps_done"]
 
-    def row(self, means: list[float]) -> dict:
+    @staticmethod
+    def row(means: list[float]) -> dict:
         """A metrics.csv row's fields from the mean of `step`'s values since the last row."""
-        return {**dict(zip(SHARP_FIELDS, means)), "lr": self.cfg.lr}
+        return dict(zip(SHARP_FIELDS, means))
 
     @staticmethod
     def summary(means: list[float]) -> str:
         return "sharp decoder, train L1 {:.4f}, adversarial {:.3f}, discriminator {:.3f}".format(*means[:3])
 
     def augment(self, x):
-        return diff_augment(x) if self.cfg.diffaugment else x
+        return diff_augment(x, self.generator) if self.cfg.diffaugment else x
 
     def step(self, x: torch.Tensor, autocast, world: int) -> torch.Tensor:
         """One step of the decoder, then of the discriminator: (reconstruction L1, generator loss,
         discriminator loss, adversarial weight), detached."""
-        self.vae.eval()
-        with torch.no_grad(), autocast:
+        with evaluating(self.vae), autocast:  # beside the VAE (sharp.joint_from) it trains on after this
             mu, logvar = self.vae.encode(x)
-        z = mu if self.cfg.codes == "mean" else mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        noise = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=self.generator)
+        z = mu if self.cfg.codes == "mean" else mu + noise * torch.exp(0.5 * logvar)
         with autocast:
             fake = torch.sigmoid(self.decoder.decode(z))
         rec = (pooled(fake, self.cfg.rec_pool) - pooled(x, self.cfg.rec_pool)).abs().mean()
@@ -311,8 +317,39 @@ def sharp_steps(cfg: SharpConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
 
-def phase_split(vae_steps: int, sharp: int) -> str:
-    total = vae_steps + sharp
-    return f"{vae_steps} VAE steps then {sharp} sharp-decoder steps ({100 * sharp / max(total, 1):.0f}% of {total})" \
-        if sharp else f"{vae_steps} VAE steps (no sharp decoder: sharp.epochs=0)"
+@dataclass
+class Phases:
+    """Which steps train the VAE (those before vae_steps) and which the sharp decoder (sharp_start to sharp_end):
+    after the VAE's (the fine-tune) or, from sharp.joint_from, beside them on the same batches (the joint design)."""
+    vae_steps: int
+    sharp_start: int
+    sharp_end: int
+
+    @classmethod
+    def of(cls, cfg: SharpConfig, vae_steps: int, steps_per_epoch: int) -> "Phases":
+        start = vae_steps if cfg.joint_from is None else cfg.joint_from
+        if start > vae_steps or (start == vae_steps and cfg.joint_from is not None):
+            raise ValueError(f"sharp.joint_from={cfg.joint_from} is not before the VAE's last step ({vae_steps}): "
+                             "use a step below it, or null to train the sharp decoder after the VAE")
+        return cls(vae_steps, start, start + sharp_steps(cfg, steps_per_epoch))
+
+    @property
+    def total(self) -> int:
+        return max(self.vae_steps, self.sharp_end)
+
+    def trains_vae(self, step: int) -> bool:
+        return step < self.vae_steps
+
+    def trains_sharp(self, step: int) -> bool:
+        return self.sharp_start <= step < self.sharp_end
+
+    def __str__(self) -> str:
+        sharp = self.sharp_end - self.sharp_start
+        share = f"{100 * sharp / max(self.vae_steps + sharp, 1):.0f}% of the {self.vae_steps + sharp} steps"
+        if not sharp:
+            return f"{self.vae_steps} VAE steps (no sharp decoder: sharp.epochs=0)"
+        if self.sharp_start == self.vae_steps:
+            return f"{self.vae_steps} VAE steps then {sharp} sharp-decoder steps ({share})"
+        return (f"{self.vae_steps} VAE steps, {sharp} sharp-decoder steps beside them from step {self.sharp_start} "
+                f"(sharp.joint_from; {share} trained, {self.total} steps in all)")
 

@@ -41,10 +41,11 @@ RESUME_MAY_CHANGE = {"train.epochs", "train.max_steps", "train.ckpt_every", "tra
 SHARP_KEYS = {f"sharp.{name}" for name in SharpConfig.__dataclass_fields__}
 
 
-def rng_states(proc) -> list[dict]:
-    """Every rank's RNG state (gathered on every rank; rank 0 saves them). `proc`: train.py's Proc."""
+def rng_states(proc, sharp=None) -> list[dict]:
+    """Every rank's RNG states, and its sharp decoder's generator once the phase has begun (gathered on every
+    rank; rank 0 saves them). `proc`: train.py's Proc; `sharp`: its SharpPhase."""
     cuda = torch.cuda.get_rng_state(proc.device) if proc.device.type == "cuda" else None
-    rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    rng = {"cpu": torch.get_rng_state(), "cuda": cuda, "sharp": sharp.generator.get_state() if sharp else None}
     if proc.world == 1:
         return [rng]
     rngs = [None] * proc.world
@@ -79,9 +80,11 @@ def restore_checkpoint(cfg, path: Path, parts, proc) -> Progress:
             raise ConfigError(f"{path} was trained without train.ema; resume it with train.ema=0")
         parts.ema.module.load_state_dict(ckpt["ema"])
         parts.ema.n_averaged.fill_(ckpt["ema_n"])
-    if "sharp" in ckpt:
-        parts.start_sharp(cfg).load_state_dict(ckpt["sharp"])
     rng = ckpt["rng"][proc.rank] if proc.rank < len(ckpt["rng"]) else ckpt["rng"][0]
+    if "sharp" in ckpt:
+        parts.start_sharp(cfg, proc.rank).load_state_dict(ckpt["sharp"])
+        if rng.get("sharp") is not None:  # checkpoints from before the phase had a generator of its own lack it
+            parts.sharp.generator.set_state(rng["sharp"].cpu())
     torch.set_rng_state(rng["cpu"].cpu())
     if proc.device.type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"].cpu(), proc.device)

@@ -12,7 +12,8 @@ resumable to the exact step), metrics.csv, TensorBoard events, grids and the res
 `train()` runs the phases below in order, each a function of its own:
 setup_processes -> load_splits -> build -> (restore_checkpoint) -> RunOutputs -> train_loop -> store_prior.
 The loop runs the VAE's steps, then (sharp.epochs > 0) the sharp decoder's (pipeline/adversarial.py) on the
-frozen VAE's codes: one loop, one checkpoint, the step decides the phase.
+frozen VAE's codes, or (sharp.joint_from) both on the same batches from that step: one loop, one checkpoint,
+the step decides what trains.
 """
 import csv
 import io
@@ -38,8 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from pipeline.adversarial import (SHARP_FIELDS, SharpConfig, SharpPhase, decoder_width_problem, phase_split,
-                                  sharp_steps)
+from pipeline.adversarial import SHARP_FIELDS, Phases, SharpConfig, SharpPhase, decoder_width_problem
 from pipeline.attributes import hair_for_run, load_hair, save_hair
 from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
@@ -138,10 +138,10 @@ class Parts:
         """The weights that make pictures: the average when there is one."""
         return self.ema.module if self.ema is not None else self.core
 
-    def start_sharp(self, cfg) -> SharpPhase:
+    def start_sharp(self, cfg, rank: int) -> SharpPhase:
         """The sharp decoder's phase: a copy of the sampling VAE's decoder and a new discriminator."""
         if self.sharp is None:
-            self.sharp = SharpPhase(cfg.sharp, self.sampler, cfg.seed, cfg.train.channels_last)
+            self.sharp = SharpPhase(cfg.sharp, self.sampler, cfg.seed, cfg.train.channels_last, rank)
         return self.sharp
 
 
@@ -164,6 +164,13 @@ def check_sharp(cfg) -> None:
     problem = decoder_width_problem(cfg.sharp.decoder_width, cfg.model)
     if problem:
         raise TrainError(problem)
+
+
+def sharp_phases(cfg, vae_steps: int, steps_per_epoch: int) -> Phases:
+    try:
+        return Phases.of(cfg.sharp, vae_steps, steps_per_epoch)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
 
 
 def setup_processes(cfg) -> Proc:
@@ -419,27 +426,28 @@ def next_batch(cfg, data: torch.Tensor, order: torch.Tensor, batch_no: int, devi
     return x
 
 
-def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Progress, test: torch.Tensor,
-            steps_per_epoch: int, images_per_step: int, evaluate_now: bool, bar: tqdm) -> None:
-    """A metrics row (all ranks reset their meters; rank 0 writes), with test ELBO and grids when `evaluate_now`
-    (the sharp decoder's grids in its phase: the VAE's test ELBO no longer changes then)."""
+def log_row(cfg, outputs: RunOutputs, parts: Parts, meter: Meter, progress: Progress, phases: Phases,
+            test: torch.Tensor, steps_per_epoch: int, images_per_step: int, evaluate_now: bool, bar: tqdm) -> None:
+    """A metrics row (all ranks reset their meters; rank 0 writes) of the VAE's and / or the sharp decoder's
+    losses, with the VAE's test ELBO and grids when `evaluate_now` while it trains, the sharp decoder's grids
+    while that trains (rows never span a phase's start or end: the loop logs there)."""
     step = progress.step
     means, img_s = meter.take(step, images_per_step)
     if outputs is None:
         return
     row = {"step": step, "epoch": step / steps_per_epoch, "img_per_s": img_s}
-    in_sharp_phase = len(means) != 3
-    if in_sharp_phase:
-        row.update(parts.sharp.row(means))
-        bar.set_postfix(rec=f"{means[0]:.4f}", disc=f"{means[2]:.3f}", img_s=f"{img_s:.0f}")
-    else:
-        row.update(zip(["loss", "nll", "kl"], means), lr=parts.scheduler.get_last_lr()[0])
-        bar.set_postfix(loss=f"{means[0]:.1f}", kl=f"{means[2]:.1f}", img_s=f"{img_s:.0f}")
+    vae_row, sharp_row = phases.trains_vae(step - 1), phases.trains_sharp(step - 1)
     epoch = math.ceil(step / steps_per_epoch)
-    if evaluate_now and in_sharp_phase:
-        outputs.save_grids(parts.sharp.sampler, test, epoch, prefix="sharp_")
-        log.info("epoch %.2f step %d: %s", row["epoch"], step, parts.sharp.summary(means))
-    elif evaluate_now:
+    if sharp_row:
+        row.update(parts.sharp.row(means[3:]), lr=cfg.sharp.lr)
+        bar.set_postfix(rec=f"{means[3]:.4f}", disc=f"{means[5]:.3f}", img_s=f"{img_s:.0f}")
+        if evaluate_now:
+            outputs.save_grids(parts.sharp.sampler, test, epoch, prefix="sharp_")
+            log.info("epoch %.2f step %d: %s", row["epoch"], step, parts.sharp.summary(means[3:]))
+    if vae_row:
+        row.update(zip(["loss", "nll", "kl"], means[:3]), lr=parts.scheduler.get_last_lr()[0])
+        bar.set_postfix(loss=f"{means[0]:.1f}", kl=f"{means[2]:.1f}", img_s=f"{img_s:.0f}")
+    if evaluate_now and vae_row:
         row.update(evaluate_elbo(parts.core, test, cfg.likelihood, cfg.obs_std, cfg.train.eval_batch_size))
         progress.best_test_elbo = max(progress.best_test_elbo, row["test_elbo"])
         outputs.save_grids(parts.sampler, test, epoch)
@@ -464,8 +472,8 @@ def vae_step(cfg, parts: Parts, x: torch.Tensor, autocast, step: int) -> torch.T
 
 
 def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: torch.Tensor,
-               test_data: torch.Tensor, outputs: RunOutputs | None, vae_steps: int, total_steps: int) -> int:
-    """Train the VAE to `vae_steps`, then the sharp decoder to `total_steps`; returns 0, or the signal that
+               test_data: torch.Tensor, outputs: RunOutputs | None, phases: Phases) -> int:
+    """Train the VAE and the sharp decoder at the steps `phases` gives each; returns 0, or the signal that
     stopped it (after a checkpoint)."""
     steps_per_epoch = len(train_data) // proc.world // cfg.train.batch_size
     images_per_step = cfg.train.batch_size * proc.world
@@ -473,40 +481,43 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
     autocast = torch.autocast(proc.device.type if proc.bf16 else "cpu", dtype=torch.bfloat16, enabled=proc.bf16)
     stop, meter, last_good_step = Stop(), Meter(proc, progress.step), progress.step
     order, order_epoch, signum = None, -1, 0
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", disable=not proc.main)
+    idle_vae, idle_sharp = torch.zeros(3, device=proc.device), torch.zeros(len(SHARP_FIELDS), device=proc.device)
+    bar = tqdm(total=phases.total, initial=progress.step, desc="train", unit="step", disable=not proc.main)
     parts.net.train()
-    while progress.step < total_steps:
+    while progress.step < phases.total:
         # the batch: this rank's shard of the epoch's permutation
         epoch, batch_no = divmod(progress.step, steps_per_epoch)
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(train_data), epoch, cfg.seed, proc), epoch
         x = next_batch(cfg, train_data, order, batch_no, proc.device)
 
-        if progress.step < vae_steps:
-            values = vae_step(cfg, parts, x, autocast, progress.step)
-        else:
-            values = parts.start_sharp(cfg).step(x, autocast, proc.world)
-        meter.add(progress.step, values)
+        vae_values = vae_step(cfg, parts, x, autocast, progress.step) if phases.trains_vae(progress.step) \
+            else idle_vae
+        sharp_values = parts.start_sharp(cfg, proc.rank).step(x, autocast, proc.world) \
+            if phases.trains_sharp(progress.step) else idle_sharp
+        meter.add(progress.step, torch.cat([vae_values, sharp_values]))
         progress.step += 1
         bar.update()
         if proc.free_cores:
             proc.free_cores.update()
 
-        # metrics every log_every steps; test ELBO and grids every eval_every epochs, at each phase's end
-        step, last = progress.step, progress.step in (vae_steps, total_steps)
+        # metrics every log_every steps and where a phase starts; test ELBO and grids every eval_every epochs
+        # and at each phase's end
+        step, last = progress.step, progress.step in (phases.vae_steps, phases.sharp_end)
         evaluate_now = last or (step % steps_per_epoch == 0 and step // steps_per_epoch % cfg.train.eval_every == 0)
-        if step % cfg.train.log_every == 0 or evaluate_now:
+        if step % cfg.train.log_every == 0 or evaluate_now or step == phases.sharp_start:
             meter.check_finite(ckpt_path, last_good_step)
-            log_row(cfg, outputs, parts, meter, progress, test_data, steps_per_epoch, images_per_step,
+            log_row(cfg, outputs, parts, meter, progress, phases, test_data, steps_per_epoch, images_per_step,
                     evaluate_now, bar)
 
         # checkpoint: every ckpt_every steps, the last step, and on a stop signal
         signum = stop.agreed(proc)
         if step % cfg.train.ckpt_every == 0 or last or signum:
             meter.check_finite(ckpt_path, last_good_step)
-            rngs = rng_states(proc)  # a collective: every rank takes part
+            rngs = rng_states(proc, parts.sharp)  # a collective: every rank takes part
             if outputs:
-                outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch, vae_steps))
+                outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch,
+                                                         phases.vae_steps))
             last_good_step = step
         if signum:
             break
@@ -523,7 +534,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     train_np, test_np = load_splits(cfg, proc)
     steps_per_epoch = len(train_np) // proc.world // cfg.train.batch_size
     vae_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    total_steps = vae_steps + sharp_steps(cfg.sharp, steps_per_epoch)
+    phases = sharp_phases(cfg, vae_steps, steps_per_epoch)
     parts = build(cfg, train_np.shape[-1], proc, vae_steps)
     torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise for flips and the reparameterisation
     resume_path = broadcast(resolve_resume(cfg) if proc.main else None, proc)
@@ -531,11 +542,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     wrap(cfg, parts, proc)
     run_dir, outputs = open_outputs(cfg, proc, resume_path, run_dir, progress.step)
     if outputs:
-        log_start(cfg, run_dir, proc, train_np, test_np, vae_steps, total_steps, steps_per_epoch, parts.core)
+        log_start(cfg, run_dir, proc, train_np, test_np, phases, steps_per_epoch, parts.core)
     train_data, test_data = torch.from_numpy(train_np).to(proc.device), torch.from_numpy(test_np).to(proc.device)
     start_step, t0 = progress.step, time.perf_counter()
     try:
-        signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, vae_steps, total_steps)
+        signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, phases)
         if outputs:
             store_prior(cfg, parts.sampler, train_np, min(progress.step, vae_steps), outputs.run_dir)
     finally:
@@ -571,7 +582,7 @@ def store_prior(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, run_di
     log.info("hair colours -> %s", save_hair(run_dir, hair_for_run(codes, train_np, encoder_step)))
 
 
-def log_start(cfg, run_dir, proc, train_np, test_np, vae_steps, total_steps, steps_per_epoch, model) -> None:
+def log_start(cfg, run_dir, proc, train_np, test_np, phases: Phases, steps_per_epoch, model) -> None:
     if cfg.train.kl_warmup_steps:
         log.info("KL warmup: the KL term's weight rises from 0 to beta over the first %d steps (the loss is the "
                  "ELBO only after that)", cfg.train.kl_warmup_steps)
@@ -580,8 +591,8 @@ def log_start(cfg, run_dir, proc, train_np, test_np, vae_steps, total_steps, ste
                     cfg.beta, cfg.beta)
     log.info("run dir %s; %d train / %d test faces %s on %s x %d; %d steps (%d per epoch), model %.2fM params",
              run_dir, len(train_np), len(test_np), tuple(train_np.shape[1:]), proc.device, proc.world,
-             total_steps, steps_per_epoch, sum(p.numel() for p in model.parameters()) / 1e6)
-    log.info("phases: %s", phase_split(vae_steps, total_steps - vae_steps))
+             phases.total, steps_per_epoch, sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("phases: %s", phases)
 
 
 def resolve_preset(cfg: DictConfig) -> DictConfig:

@@ -130,6 +130,27 @@ def test_the_sharp_phase_leaves_the_vae_exactly_as_it_was(tiny_data, tmp_path):
     assert (run / "sharp_samples_epoch001.png").exists() or list(run.glob("sharp_samples_epoch*.png"))
 
 
+def test_trained_beside_the_vae_the_sharp_decoder_leaves_it_exactly_as_it_was(tiny_data, tmp_path):
+    common = ["train.max_steps=20", "train.num_threads=2"]
+    run_module("pipeline.train", *train_args(tiny_data, tmp_path / "vae", *common))
+    proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path / "joint", *common, "sharp.joint_from=12",
+                                                    sharp_steps=12))
+    assert "20 VAE steps, 12 sharp-decoder steps beside them from step 12" in proc.stdout
+    vae, joint = (load_checkpoint(only_run(tmp_path / k) / "ckpt.pt") for k in ("vae", "joint"))
+    assert joint["step"] == 24 and joint["encoder_step"] == 20 and joint["sharp"]["steps_done"] == 12
+    for name, value in vae["model"].items():  # its own noise: the VAE's flips and draws are not consumed
+        assert torch.equal(value, joint["model"][name]), name
+    changed = [k for k, v in joint["sharp"]["decoder"].items() if not torch.equal(v, joint["model"][k])]
+    assert changed
+    rows = {int(r["step"]): r for r in csv.DictReader(open(only_run(tmp_path / "joint") / "metrics.csv"))}
+    assert 12 in rows and not rows[12]["sharp_rec_l1"] and float(rows[12]["kl"]) > 0  # a row ends where it starts
+    assert float(rows[15]["kl"]) > 0 and float(rows[15]["sharp_rec_l1"]) > 0  # both train on the same batches
+    assert not rows[24]["kl"] and float(rows[24]["sharp_rec_l1"]) > 0
+    alone = {r["step"]: r["test_elbo"] for r in csv.DictReader(open(only_run(tmp_path / "vae") / "metrics.csv"))}
+    assert {str(s): r["test_elbo"] for s, r in rows.items() if r["test_elbo"]} == \
+        {s: elbo for s, elbo in alone.items() if elbo} and alone["20"]  # the same ELBOs, the last at the VAE's end
+
+
 @pytest.mark.parametrize("average", ["sharp.ema=0", "sharp.ema=0.9"])
 def test_a_resumed_sharp_phase_gives_the_same_weights_as_an_uninterrupted_one(tiny_data, tmp_path, average):
     common = ["train.max_steps=10", "train.ckpt_every=5", "train.num_threads=2", average]
@@ -197,6 +218,8 @@ def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_p
     (["sharp.decoder_width=8"], "sharp.decoder_width=8 is narrower than the ELBO decoder (16)"),
     (["sharp.r1=-1"], "sharp.r1=-1"),
     (["sharp.rec_pool=0"], "sharp.rec_pool=0"),
+    (["train.max_steps=8", "sharp.joint_from=8"], "sharp.joint_from=8 is not before the VAE's last step (8)"),
+    (["sharp.joint_from=-1"], "sharp.joint_from=-1"),
 ])
 def test_bad_sharp_settings_are_one_line(tiny_data, tmp_path, args, message):
     proc = run_module("pipeline.train", *train_args(tiny_data, tmp_path, *args), check=False)

@@ -71,10 +71,12 @@ def start_training(args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ema", ["train.ema=0", "train.ema=0.9"])
-def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path, ema):
-    # one thread count throughout; the VAE's 80 steps, then 10 of the sharp decoder: the resume crosses the phases
-    common = ["train.max_steps=80", "train.ckpt_every=5", "train.num_threads=2", ema]
+@pytest.mark.parametrize("ema, design", [("train.ema=0", "after"), ("train.ema=0.9", "after"), ("train.ema=0", "joint")])
+def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_data, tmp_path, ema, design):
+    # one thread count throughout; the VAE's 80 steps, then 10 of the sharp decoder (or 10 beside the VAE's last
+    # 8 and 2 after them): the resume crosses the phases
+    joint = ["sharp.joint_from=72"] if design == "joint" else []
+    common = ["train.max_steps=80", "train.ckpt_every=5", "train.num_threads=2", ema, *joint]
     run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common, sharp_steps=10))
     straight = every_tensor(load_checkpoint(only_run(tmp_path / "straight") / "ckpt.pt"))
 
@@ -94,7 +96,7 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
     run_module("pipeline.train", *train_args(tiny_data, out, *common, f"resume={ckpt_dir}", sharp_steps=10))
     resumed = every_tensor(load_checkpoint(ckpt_dir / "ckpt.pt"))
     assert ("ema.project.weight" in resumed) == (ema == "train.ema=0.9") and "disc.net.0.weight" in resumed
-    assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == 90
+    assert load_checkpoint(ckpt_dir / "ckpt.pt")["step"] == (82 if joint else 90)
     assert torch.load(ckpt_dir / "prior.pt", weights_only=True)["step"] == 80  # refitted when the resumed run ended
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".part")]  # a killed save's temp file is gone
     steps = [int(r["step"]) for r in csv.DictReader(open(ckpt_dir / "metrics.csv"))]
@@ -104,40 +106,45 @@ def test_sigkill_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["vae", "sharp"])
+@pytest.mark.parametrize("phase", ["vae", "sharp", "joint"])
 def test_sigterm_saves_a_checkpoint_before_exiting(tiny_data, tmp_path, phase):
-    steps = ["train.max_steps=100000"] if phase == "vae" else ["train.max_steps=10"]
+    steps = {"vae": ["train.max_steps=100000"], "sharp": ["train.max_steps=10"],
+             "joint": ["train.max_steps=100000", "sharp.joint_from=5"]}[phase]
     proc = start_training(train_args(tiny_data, tmp_path, *steps, "train.ckpt_every=100000",
-                                     sharp_steps=100000 if phase == "sharp" else 0))
+                                     sharp_steps=0 if phase == "vae" else 100000))
     metrics = None
     deadline = time.monotonic() + 120
-    while metrics is None and time.monotonic() < deadline:  # two rows logged (three in the sharp phase)
+    rows_before_stop = 3 if phase == "sharp" else 2  # two rows logged (three in the sharp phase)
+    while metrics is None and time.monotonic() < deadline:
         found = list(tmp_path.rglob("metrics.csv"))
-        metrics = found[0] if found and len(found[0].read_text().splitlines()) > (2 if phase == "vae" else 3) else None
+        metrics = found[0] if found and len(found[0].read_text().splitlines()) > rows_before_stop else None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     err, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     ckpt = load_checkpoint(metrics.parent / "ckpt.pt")
-    assert 10 <= ckpt["step"] < 100000 and ("sharp" in ckpt) == (phase == "sharp")
+    assert 10 <= ckpt["step"] < 100000 and ("sharp" in ckpt) == (phase != "vae")
     assert torch.load(metrics.parent / "prior.pt", weights_only=True)["step"] == ckpt["encoder_step"]
-    assert ckpt["encoder_step"] == (ckpt["step"] if phase == "vae" else 10)  # stored before exiting
+    assert ckpt["encoder_step"] == (10 if phase == "sharp" else ckpt["step"])  # stored before exiting
+    assert phase != "joint" or ckpt["sharp"]["steps_done"] == ckpt["step"] - 5
     assert "resume with" in err
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(tiny_data, tmp_path):
+@pytest.mark.parametrize("joint", [[], ["sharp.joint_from=10"]], ids=["after", "joint"])
+def test_two_process_torchrun_on_cpu_completes_with_rank_zero_owning_outputs(tiny_data, tmp_path, joint):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=12", sharp_steps=4)],
+                           "-m", "pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=12", *joint,
+                                                               sharp_steps=4)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path)
     assert [p.name for p in (tmp_path / "train").rglob("*") if p.is_dir() and p.parent.name.startswith("obs_std-")] \
         == [run.name]
     ckpt = load_checkpoint(run / "ckpt.pt")
-    assert ckpt["step"] == 16 and ckpt["sharp"]["steps_done"] == 4  # the sharp phase's gradients averaged by hand
-    assert len(ckpt["rng"]) == 2
+    assert ckpt["step"] == (14 if joint else 16) and ckpt["sharp"]["steps_done"] == 4  # its gradients averaged by hand
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["sharp"], ckpt["rng"][1]["sharp"])
     assert not (ROOT / ".hydra").exists()
 
 
