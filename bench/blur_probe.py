@@ -3,8 +3,11 @@ beside the figure `make eval` gives them unblurred: a decoder whose detail is ri
 pixel-level checkerboard (transposed convolutions under an adversarial term) scores much better blurred.
 
     .venv/bin/python bench/blur_probe.py RUN [RUN ...] [--n 1000]
+    .venv/bin/python bench/blur_probe.py RUN --real 0 1 2 4 8
 
 The codes are the ones `pipeline.evaluate` draws (the stored prior, seed 0), scored against the test split.
+--real scores n real training faces of RUN's data blurred that many times instead: the FID a decoder with
+every face's structure right would get at each sharpness, i.e. what blur alone costs.
 """
 import argparse
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.evaluate import cached_features
-from pipeline.images import to_uint8
+from pipeline.images import to_float, to_uint8
 from pipeline.metrics import InceptionFeatures, features, fid_kid, sharpness
 from pipeline.prior import sample_latents
 from pipeline.runs import Run, find_checkpoint
@@ -32,9 +35,12 @@ def main():
     parser.add_argument("runs", nargs="+", help="run folders with a sharp decoder")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--cache", default="bench/out/fid_cache")
+    parser.add_argument("--real", type=int, nargs="+", help="blur passes over real training faces instead")
     opts = parser.parse_args()
     extractor = InceptionFeatures("cpu")
     print("| run | pictures | FID test | KID x1e3 | sharpness |\n| --- | --- | --- | --- | --- |")
+    if opts.real:
+        return score_blurred_real_faces(extractor, opts)
     for folder in opts.runs:
         run = Run(find_checkpoint(None, ckpt=folder), torch.device("cpu"))
         test = run.split("test")
@@ -44,6 +50,21 @@ def main():
         images = to_uint8(blurred(run.decode(z))).numpy()
         result = fid_kid(real_test, features(extractor, images, 100))
         print(f"| {Path(folder).name} | blurred 3x3 | {result['fid']:.1f} | {1e3 * result['kid']:.1f} | "
+              f"{sharpness(images) / sharpness(test):.2f} |", flush=True)
+
+
+def score_blurred_real_faces(extractor, opts) -> None:
+    run = Run(find_checkpoint(None, ckpt=opts.runs[0]), torch.device("cpu"))
+    test, train = run.split("test"), run.split("train")
+    real_test = cached_features(extractor, test, Path(opts.cache), 100)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:opts.n].numpy()
+    for passes in opts.real:
+        images = to_float(torch.from_numpy(train[chosen]))
+        for _ in range(passes):
+            images = blurred(images)
+        images = to_uint8(images).numpy()
+        result = fid_kid(real_test, features(extractor, images, 100))
+        print(f"| real training faces | blurred 3x3 x{passes} | {result['fid']:.1f} | {1e3 * result['kid']:.1f} | "
               f"{sharpness(images) / sharpness(test):.2f} |", flush=True)
 
 

@@ -1,7 +1,7 @@
 """How far sampling alone can take a trained run: FID / KID of codes from several priors, against
 the ceiling that no prior over the codes can beat by much, the decoder's reconstructions.
 
-    .venv/bin/python bench/sampler_ceiling.py RUN [--n 2000] [--temperatures 1 0.8]
+    .venv/bin/python bench/sampler_ceiling.py RUN [--n 2000] [--temperatures 1 0.8] [--decoder elbo]
 
 Rows: `recon train` decodes the encoder means of n training faces (a prior that matched the aggregate
 posterior's means exactly would draw these); `recon test` the same for the test faces (all of them
@@ -37,8 +37,9 @@ def main():
     parser.add_argument("--recon", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cache", default="bench/out/fid_cache")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decoder", default="auto", help="auto (the sharp decoder when the run has one), sharp, elbo")
     opts = parser.parse_args()
-    run = Run(find_checkpoint(None, ckpt=opts.run), torch.device("cpu"))
+    run = Run(find_checkpoint(None, ckpt=opts.run), torch.device("cpu"), decoder=opts.decoder)
     train, test = run.split("train"), run.split("test")
     extractor = InceptionFeatures(run.device)
     real_test = cached_features(extractor, test, Path(opts.cache), 100)

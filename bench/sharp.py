@@ -3,6 +3,10 @@ its sharp.* settings (the phase `make train` runs after the VAE's epochs), then 
 
     .venv/bin/python bench/sharp.py --base RUN_FOLDER --tag NAME [--n 1000] [sharp.KEY=VALUE ...]
     .venv/bin/python bench/sharp.py --base RUN_FOLDER --tag elbo --elbo     # the ELBO decoder's row, same settings
+    .venv/bin/python bench/sharp.py --base RUN_FOLDER --tag joint --new sharp.joint_from=13104 sharp.epochs=7
+
+--new trains a whole run (the VAE with --base's data and seed, and the sharp decoder) instead: the joint design
+(sharp.joint_from) needs the VAE's own steps; its VAE is --base's bit for bit when --base had the same settings.
 
 RUN_FOLDER is a run trained with sharp.epochs=0 (or before the sharp decoder existed), e.g. by
 `python -m pipeline.train paths.data_dir=bench/out/data paths.output_dir=bench/out/base sharp.epochs=0`.
@@ -49,12 +53,19 @@ def main():
     parser.add_argument("--n", type=int, default=1000, help="samples scored (FID is biased upwards below 2,000)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--elbo", action="store_true", help="score the ELBO decoder of --base instead")
+    parser.add_argument("--new", action="store_true", help="train a new run with --base's data instead of resuming")
     parser.add_argument("args", nargs="*", help="sharp.* overrides for the phase, e.g. sharp.epochs=8")
     opts = parser.parse_args()
-    run_dir = copy_vae_run(opts.base, OUT / "sharp" / opts.tag)
+    run_dir = OUT / "sharp" / opts.tag
+    if opts.new:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        data_dir = re.search(r"data_dir: (.*)", (opts.base / "config.yaml").read_text()).group(1)
+        how = [f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]
+    else:
+        how = [f"resume={copy_vae_run(opts.base, run_dir)}"]
     if not opts.elbo:
         start = time.perf_counter()
-        log = run("-m", "pipeline.train", f"resume={run_dir}", f"train.num_threads={opts.threads}", *opts.args)
+        log = run("-m", "pipeline.train", *how, f"train.num_threads={opts.threads}", *opts.args)
         minutes = (time.perf_counter() - start) / 60
         rates = sorted(float(r["img_per_s"]) for r in csv.DictReader(open(run_dir / "metrics.csv")) if r["sharp_rec_l1"])
         print(re.findall(r"phases: .*", log)[-1])
