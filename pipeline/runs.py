@@ -171,7 +171,7 @@ class Run:
         self.obs_std = float(self.ckpt["obs_std"])
         self.likelihood = self.ckpt["likelihood"]
         self.config = self.ckpt["config"]
-        self._hair = None
+        self._hair, self._stored_prior = None, None
 
     def split(self, name: str) -> np.ndarray:
         return load_split(self.config["train"][f"{name}_file"], name)
@@ -204,11 +204,16 @@ class Run:
         if name == "default":
             prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
             log.info("stored the fitted prior as %s", save_prior(self.ckpt_path.parent, prior))
+            self._stored_prior = prior
             return prior, prior["kind"]
         return self.cached_gmm(components, seed), "gmm"
 
     def stored_prior(self) -> dict | None:
-        return read_prior(self.ckpt_path.parent) if self.exported else load_prior(self.ckpt_path.parent)
+        """The run folder's prior, read once (make eval asks for it per decoder)."""
+        if self._stored_prior is None:
+            folder = self.ckpt_path.parent
+            self._stored_prior = read_prior(folder) if self.exported else load_prior(folder)
+        return self._stored_prior
 
     @property
     def cascade_copy(self) -> Path | None:
