@@ -84,6 +84,10 @@ def remove_if_no_results(folder: Path | None) -> None:
     if any(p.name not in SCAFFOLDING and p.suffix != ".log" for p in folder.iterdir()):
         return
     logging.shutdown()  # the job's log file lives in the folder
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(handler.baseFilename).parent == folder.absolute():  # a later line would reopen it there
+            root.removeHandler(handler)
     shutil.rmtree(folder, ignore_errors=True)
     for parent in folder.parents:
         if parent == Path.cwd() or any(parent.iterdir()):

@@ -539,6 +539,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise for flips and the reparameterisation
     resume_path = broadcast(resolve_resume(cfg) if proc.main else None, proc)
     progress = restore_checkpoint(cfg, resume_path, parts, proc) if resume_path else Progress()
+    if parts.sharp is None and phases.sharp_start < min(progress.step, phases.sharp_end):
+        raise TrainError(f"sharp.joint_from={phases.sharp_start} is before step {progress.step}, where {resume_path} "
+                         "resumes: the sharp decoder would miss its first steps; use a later step, or null")
     wrap(cfg, parts, proc)
     run_dir, outputs = open_outputs(cfg, proc, resume_path, run_dir, progress.step)
     if outputs:

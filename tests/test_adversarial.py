@@ -204,6 +204,9 @@ def test_the_reconstruction_term_alone_builds_no_discriminator_and_resumes(tiny_
 def test_a_finished_vae_run_gets_a_sharp_decoder_by_resuming_it(tiny_data, tmp_path):
     run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=8"))
     run = only_run(tmp_path)
+    late = run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=8", f"resume={run}",
+                                                    "sharp.joint_from=4", sharp_steps=4), check=False)
+    assert late.returncode == 2 and "sharp.joint_from=4 is before step 8" in late.stderr, late.stderr[-2000:]
     run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=8", f"resume={run}",
                                              "sharp.loss=nonsaturating", "sharp.diffaugment=false", sharp_steps=4))
     ckpt = load_checkpoint(run / "ckpt.pt")
