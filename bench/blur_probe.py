@@ -47,10 +47,8 @@ def main():
         real_test = cached_features(extractor, test, Path(opts.cache), 100)
         prior, _ = run.prior("default", 100, 0)
         z = sample_latents(prior, opts.n, run.model.latent_dim, torch.Generator().manual_seed(0))
-        images = to_uint8(blurred(run.decode(z))).numpy()
-        result = fid_kid(real_test, features(extractor, images, 100))
-        print(f"| {Path(folder).name} | blurred 3x3 | {result['fid']:.1f} | {1e3 * result['kid']:.1f} | "
-              f"{sharpness(images) / sharpness(test):.2f} |", flush=True)
+        print_row(Path(folder).name, "blurred 3x3", to_uint8(blurred(run.decode(z))).numpy(), extractor, real_test,
+                  test)
 
 
 def score_blurred_real_faces(extractor, opts) -> None:
@@ -62,10 +60,15 @@ def score_blurred_real_faces(extractor, opts) -> None:
         images = to_float(torch.from_numpy(train[chosen]))
         for _ in range(passes):
             images = blurred(images)
-        images = to_uint8(images).numpy()
-        result = fid_kid(real_test, features(extractor, images, 100))
-        print(f"| real training faces | blurred 3x3 x{passes} | {result['fid']:.1f} | {1e3 * result['kid']:.1f} | "
-              f"{sharpness(images) / sharpness(test):.2f} |", flush=True)
+        print_row("real training faces", f"blurred 3x3 x{passes}", to_uint8(images).numpy(), extractor, real_test,
+                  test)
+
+
+def print_row(name: str, pictures: str, images, extractor, real_test, test) -> None:
+    """One table row: FID / KID of `images` (uint8) against the test split's features, sharpness against its faces'."""
+    result = fid_kid(real_test, features(extractor, images, 100))
+    print(f"| {name} | {pictures} | {result['fid']:.1f} | {1e3 * result['kid']:.1f} | "
+          f"{sharpness(images) / sharpness(test):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 
@@ -59,7 +61,7 @@ def main():
     run_dir = OUT / "sharp" / opts.tag
     if opts.new:
         shutil.rmtree(run_dir, ignore_errors=True)
-        data_dir = re.search(r"data_dir: (.*)", (opts.base / "config.yaml").read_text()).group(1)
+        data_dir = OmegaConf.load(opts.base / "config.yaml").paths.data_dir
         how = [f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]
     else:
         how = [f"resume={copy_vae_run(opts.base, run_dir)}"]

@@ -327,10 +327,10 @@ class Phases:
 
     @classmethod
     def of(cls, cfg: SharpConfig, vae_steps: int, steps_per_epoch: int) -> "Phases":
-        start = vae_steps if cfg.joint_from is None else cfg.joint_from
-        if start > vae_steps or (start == vae_steps and cfg.joint_from is not None):
+        if cfg.joint_from is not None and cfg.joint_from >= vae_steps:
             raise ValueError(f"sharp.joint_from={cfg.joint_from} is not before the VAE's last step ({vae_steps}): "
                              "use a step below it, or null to train the sharp decoder after the VAE")
+        start = vae_steps if cfg.joint_from is None else cfg.joint_from
         return cls(vae_steps, start, start + sharp_steps(cfg, steps_per_epoch))
 
     @property
