@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from pipeline.config import checked
+from pipeline.errors import ConfigError
 from pipeline.images import to_uint8
-from pipeline.prior import sample_latents
+from pipeline.prior import Draw, sample_latents
 from pipeline.runs import Run, find_checkpoint, pick_device
 
 
@@ -50,12 +53,12 @@ class FaceModel:
         ("gmm"), decoded to pixel means: the same pixels as `python -m pipeline.sample n=N seed=SEED`.
         hair="blue" draws faces of one of `hair_colours()`; steer={"blonde": 1, "glasses": 1.5} moves them
         along named sliders (`sliders()`), as `hair=` and `+steer.NAME=V` do on the command line."""
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n={n!r}: ask for a whole number of faces, 1 or more")
+        draw = drawn(n=n, seed=seed, temperature=temperature)
         if hair is not None and prior != "default":
             raise ValueError(f"hair={hair!r} has its own distribution of codes: leave prior at 'default'")
-        distribution = self.run.hair_prior(hair) if hair is not None else self.run.prior(prior, 100, seed)[0]
-        z = sample_latents(distribution, int(n), self.latent_dim, torch.Generator().manual_seed(seed), temperature)
+        distribution = self.run.hair_prior(hair) if hair is not None else self.run.prior(prior, 100, draw.seed)[0]
+        z = sample_latents(distribution, draw.n, self.latent_dim, torch.Generator().manual_seed(draw.seed),
+                           draw.temperature)
         return self.decode(self.run.steered(z, steer or {}))
 
     def hair_colours(self) -> list[str]:
@@ -74,6 +77,8 @@ class FaceModel:
         """uint8 N x H x W x 3 pixel means of codes (N x latent_dim, or one code)."""
         z = torch.as_tensor(np.asarray(codes, dtype=np.float32) if not torch.is_tensor(codes) else codes).float()
         z = z.reshape(1, -1) if z.dim() == 1 else z
+        if len(z) == 0:
+            raise ValueError(f"an empty batch of codes: pass at least one code of {self.latent_dim} numbers")
         if z.dim() != 2 or z.shape[1] != self.latent_dim or not torch.isfinite(z).all():
             raise ValueError(f"codes of shape {tuple(z.shape)}: pass N x {self.latent_dim} finite numbers "
                              "(this model's latent size)")
@@ -81,6 +86,15 @@ class FaceModel:
 
     def reconstruct(self, images) -> np.ndarray:
         return self.decode(self.encode(images))
+
+
+def drawn(**values) -> Draw:
+    """n, seed and temperature checked as pipeline.sample checks its keys, with the same words (a ValueError)."""
+    plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+    try:
+        return checked(OmegaConf.create(plain), Draw, remedy="")
+    except (ConfigError, ValueError) as err:  # ValueError: a value OmegaConf cannot hold at all
+        raise ValueError(str(err)) from None
 
 
 def faces_chw(images, size: int) -> np.ndarray:
@@ -102,6 +116,8 @@ def faces_chw(images, size: int) -> np.ndarray:
     array = array[None] if array.ndim == 3 else array
     if array.ndim != 4 or array.shape[-1] != 3:
         raise ValueError(f"images of shape {array.shape}: pass N x H x W x 3 RGB pixels (or H x W x 3 for one)")
+    if len(array) == 0:
+        raise ValueError("an empty batch of images: pass at least one face")
     if array.shape[1:3] != (size, size):
         raise ValueError(f"images are {array.shape[1]}x{array.shape[2]}; the model takes {size}x{size} faces: crop "
                          f"them with `python -m pipeline.crop` or resize (PIL: image.resize(({size}, {size})))")

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RunNotFound
 from pipeline.hair import PALETTE, label_hair
 from pipeline.io import atomic_write_bytes
-from pipeline.stored import load_stored, save_stored
+from pipeline.prior import is_cholesky
+from pipeline.stored import load_stored, require_finite, save_stored
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,39 @@ def save_hair(run_dir, hair: dict) -> Path:
     return save_stored(Path(run_dir) / HAIR_NAME, hair)
 
 
-def load_hair(run_dir) -> dict | None:
-    return load_stored(Path(run_dir) / HAIR_NAME, "file of hair colours", "delete it and it is computed again "
-                       "when the training split is there")
+def load_hair(run_dir, latent_dim: int | None = None) -> dict | None:
+    path = Path(run_dir) / HAIR_NAME
+    hair = load_stored(path, "file of hair colours", "delete it and it is computed again when the training split "
+                       "is there")
+    return None if hair is None else checked_hair(hair, path, latent_dim)
+
+
+def checked_hair(hair: dict, path, latent_dim: int | None = None) -> dict:
+    """Stored hair colours that sampling can use: colours of the labeller's palette, each with a finite mean,
+    direction and lower-triangular Cholesky factor (positive diagonal) of one size; else one line naming it."""
+    def refuse(what: str):
+        raise RunNotFound(f"{path}: the hair colours' {what} (the file is damaged): export the run again, or delete "
+                          "it and it is computed again when the training split is there")
+    if not isinstance(hair.get("colours"), dict) or not isinstance(hair.get("not_offered"), dict):
+        refuse("list of colours is missing")
+    colours = {}
+    for name, colour in hair["colours"].items():
+        if name not in PALETTE:
+            refuse(f"{name!r} is not a colour of the labeller's palette ({', '.join(PALETTE)})")
+        try:
+            mean, cholesky, direction = (colour[k].double() for k in ("mean", "cholesky", "direction"))
+        except (KeyError, TypeError, AttributeError, RuntimeError):
+            refuse(f"{name} lacks its mean, cholesky or direction tensor")
+        require_finite({f"{name}.mean": mean, f"{name}.cholesky": cholesky, f"{name}.direction": direction}, path,
+                       "the hair colour")
+        dim = latent_dim or len(mean)
+        if mean.shape != (dim,) or direction.shape != (dim,) or cholesky.shape != (dim, dim):
+            refuse(f"{name} tensors are {tuple(mean.shape)}, {tuple(cholesky.shape)}, {tuple(direction.shape)}, "
+                   f"not {dim}, {dim} x {dim}, {dim}")
+        if not is_cholesky(cholesky):
+            refuse(f"{name} cholesky factor is not lower-triangular with a positive diagonal")
+        colours[name] = {**colour, "mean": mean, "cholesky": cholesky, "direction": direction.float()}
+    return {**hair, "colours": colours}
 
 
 def conditioned(hair: dict, colour: str) -> dict:

@@ -11,11 +11,15 @@ safetensors weights and prior, a config.json, nothing pickled.
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
+from pipeline.attributes import checked_hair
 from pipeline.errors import RunNotFound
 from pipeline.model import VAE
+from pipeline.prior import checked_mixture
+from pipeline.stored import require_finite
 
 EXPORT_FORMAT = "animeface-vae-export/1"
 MODEL_FILE, PRIOR_FILE, CONFIG_FILE = "model.safetensors", "prior.safetensors", "config.json"
@@ -55,6 +59,123 @@ def config_bytes(config: dict) -> bytes:
             + "\n").encode()
 
 
+# What config.json must hold, field by field. An export is a file from a stranger: exact JSON types (no
+# coercion of "0.1" or of "${...}" as Hydra's configs would), sizes bounded, checked before anything is built.
+class Misfit(Exception):
+    """One field of a JSON document that is not what the pipeline writes (`field`: its dotted name)."""
+
+    def __init__(self, field: str, expected: str | None, value=None):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        super().__init__(f"{field} is missing" if expected is None else f"{field} is {shown}, not {expected}")
+
+
+def whole(low: int, high: int):
+    def check(value, field):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise Misfit(field, f"a whole number from {low} to {high}", value)
+    return check
+
+
+def number(low: float, high: float):
+    def check(value, field):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise Misfit(field, f"a number from {low:g} to {high:g}", value)
+    return check
+
+
+def text(*choices: str):
+    def check(value, field):
+        if not isinstance(value, str) or choices and value not in choices:
+            raise Misfit(field, f"one of {', '.join(choices)}" if choices else "text", value)
+    return check
+
+
+def file_name(value, field):
+    if not isinstance(value, str) or not value.endswith(".npy") or Path(value).name != value or value.startswith("."):
+        raise Misfit(field, "a file name ending in .npy (no folder: the loader's data folder holds it)", value)
+
+
+def optional(spec):
+    return lambda value, field: None if value is None else spec(value, field)
+
+
+def each(spec, words: str = "a list"):
+    def check(value, field):
+        if not isinstance(value, list):
+            raise Misfit(field, words, value)
+        for i, item in enumerate(value):
+            spec(item, f"{field}[{i}]")
+    return check
+
+
+def mapping(spec):
+    """An object whose every value fits `spec`."""
+    def check(value, field):
+        if not isinstance(value, dict):
+            raise Misfit(field, "an object", value)
+        for name, item in value.items():
+            spec(item, f"{field}.{name}")
+    return check
+
+
+def record(required: dict, optional_fields: dict | None = None):
+    """An object with these fields (others are never read); `required` ones present."""
+    def check(value, field):
+        if not isinstance(value, dict):
+            raise Misfit(field, "an object", value)
+        for name, spec in {**required, **(optional_fields or {})}.items():
+            if name in value:
+                spec(value[name], f"{field}.{name}".lstrip("."))
+            elif name in required:
+                raise Misfit(f"{field}.{name}".lstrip("."), None)
+    return check
+
+
+SIZE = whole(1, 2 ** 16)  # bounds only the arithmetic: the weights' shapes are compared before anything is built
+COUNT = whole(0, 2 ** 53)
+SCORE = number(-1e12, 1e12)
+MODEL_ARGS = record({"image_size": whole(4, 4096), "width": SIZE, "depth": whole(1, 8), "latent_dim": SIZE,
+                     "max_channels": SIZE, "decoder_width": optional(SIZE), "res_blocks": whole(0, 64),
+                     "upsample": text("transposed", "nearest")})
+SCORES = record({"fid": SCORE, "kid": SCORE})
+METRIC_ROW = record({"fid": SCORE, "kid": SCORE, "sharpness_ratio": SCORE, "memorisation_ratio": SCORE},
+                    {"near_copies": SCORE, "reference": SCORES})
+CONFIG_FIELDS = record(
+    {"model_args": MODEL_ARGS, "obs_std": number(1e-6, 1e3), "likelihood": text("gaussian", "bernoulli"),
+     "step": COUNT, "encoder_step": COUNT,
+     "data": record({}, {"train_file": file_name, "test_file": file_name, "train": COUNT, "test": COUNT,
+                         "files": COUNT, "unreadable": COUNT, "exact_duplicates": COUNT, "unique": COUNT,
+                         "near_duplicate_groups": COUNT, "near_duplicates_dropped": COUNT,
+                         "faces_dir": optional(text())})},
+    {"image_size": whole(4, 4096), "latent_dim": SIZE, "parameters": COUNT, "vae_steps": COUNT,
+     "decoders": each(text("elbo", "sharp"), "a list of decoders (elbo, sharp)"),
+     "default_decoder": text("elbo", "sharp"), "sharp_decoder_width": optional(SIZE),
+     "test_elbo": optional(SCORE), "test_bpd": optional(SCORE), "project": text(),
+     "prior": record({}, {"kind": text("gmm"), "components": optional(COUNT), "codes": optional(COUNT),
+                          "seed": optional(COUNT)}),
+     "hair": record({}, {"offered": mapping(COUNT), "not_offered": mapping(text())}),
+     "training": record({}, {"command": text(), "preset": optional(text()), "batch_size": optional(COUNT),
+                             "run": optional(text())}),
+     "metrics": optional(record({"n": COUNT, "floor_fid": SCORE, "rows": mapping(mapping(METRIC_ROW))},
+                                {"reference": optional(text())}))})
+PRIOR_FIT = record({"components": whole(1, 2 ** 16), "step": COUNT},
+                   {"kind": text("gmm"), "codes": optional(COUNT), "seed": optional(COUNT),
+                    "hair": record({"step": COUNT, "faces": COUNT, "colours": mapping(COUNT),
+                                    "not_offered": mapping(text())})})
+
+
+def refuse(path: Path, problem: str) -> RunNotFound:
+    return RunNotFound(f"{path}: {problem}; the file is damaged or was edited: export the run again, or ask "
+                       "whoever sent the folder for a new copy")
+
+
+def fits(document, spec, path: Path) -> None:
+    try:
+        spec(document, "")
+    except Misfit as err:
+        raise refuse(path, str(err)) from None
+
+
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     try:
@@ -65,9 +186,13 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
         raise RunNotFound(f"{path} is not an animeface-vae export's config (format {EXPORT_FORMAT!r} expected): "
                           "pass a folder written by `python -m pipeline.export`, or a run folder")
-    missing = [k for k in ("model_args", "obs_std", "likelihood", "step", "encoder_step", "data") if k not in config]
-    if missing:
-        raise RunNotFound(f"{path} lacks {', '.join(missing)}: export the run again with `python -m pipeline.export`")
+    fits(config, CONFIG_FIELDS, path)
+    args = config["model_args"]
+    for name in ("image_size", "latent_dim"):
+        if name in config and config[name] != args[name]:
+            raise refuse(path, f"{name} is {config[name]} but model_args.{name} is {args[name]}")
+    if "elbo" not in config.get("decoders", ["elbo"]):
+        raise refuse(path, f"decoders is {config['decoders']}, without elbo (every export has the ELBO decoder)")
     return config
 
 
@@ -79,35 +204,48 @@ def read_tensors(path: Path) -> dict:
 
 
 def checked_weights(path: Path, tensors: dict, expected: dict, what: str) -> dict:
-    """`tensors` when they are exactly `expected`'s names and shapes, else one line naming the first misfit."""
+    """`tensors` when they are exactly `expected`'s names, shapes and dtypes, else one line naming the first misfit."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    wrong = sorted(k for k in set(expected) & set(tensors)
+                   if tensors[k].shape != expected[k].shape or tensors[k].dtype != expected[k].dtype)
     if missing or unexpected or wrong:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
-                  f"{wrong[0]} is {tuple(tensors[wrong[0]].shape)}, not {tuple(expected[wrong[0]].shape)}")
+                  f"{wrong[0]} is {tuple(tensors[wrong[0]].shape)} {tensors[wrong[0]].dtype}, not "
+                  f"{tuple(expected[wrong[0]].shape)} {expected[wrong[0]].dtype}")
         raise RunNotFound(f"{path}: its tensors do not fit {what} ({detail}); the file does not belong with its "
                           f"{CONFIG_FILE}: export the run again")
     return tensors
 
 
+def shapes_of(model_args: dict) -> dict:
+    """The state dict a model of `model_args` has, as shapes and dtypes only (built on the meta device: no memory,
+    whatever the sizes say)."""
+    with torch.device("meta"):
+        return VAE(**model_args).state_dict()
+
+
 def read_model(folder: Path, config: dict) -> tuple[dict, dict | None]:
     """The ELBO model's state dict and the sharp decoder's (None when the export has none), checked."""
     path = folder / MODEL_FILE
-    tensors = read_tensors(path)
     try:
-        expected = VAE(**config["model_args"]).state_dict()
+        expected = shapes_of(config["model_args"])
     except (TypeError, ValueError) as err:
         raise RunNotFound(f"{folder / CONFIG_FILE}: model_args {config['model_args']} do not make a model "
                           f"({err}); export the run again") from None
+    tensors = read_tensors(path)
     sharp = {k[len(SHARP_PREFIX):]: v for k, v in tensors.items() if k.startswith(SHARP_PREFIX)}
     elbo = {k: v for k, v in tensors.items() if not k.startswith(SHARP_PREFIX)}
     checked_weights(path, elbo, expected, f"the model of model_args {config['model_args']}")
     if "sharp" in config.get("decoders", []):
         width = config.get("sharp_decoder_width")
-        shaped = expected if width is None else VAE(**{**config["model_args"], "decoder_width": width}).state_dict()
+        shaped = expected if width is None else shapes_of({**config["model_args"], "decoder_width": width})
         decoder = {k: v for k, v in shaped.items() if k.startswith(("project.", "decoder."))}
         checked_weights(path, sharp, decoder, "its sharp decoder")
+    elif sharp:
+        raise RunNotFound(f"{path}: it holds sharp.* tensors but {folder / CONFIG_FILE} lists no sharp decoder: "
+                          "export the run again")
+    require_finite(tensors, path, "the tensor")
     return elbo, (sharp or None)
 
 
@@ -122,20 +260,22 @@ def read_prior_file(folder: Path) -> tuple[dict, dict]:
         fit = (f.metadata() or {}).get("fit", "{}")
     try:
         fields = json.loads(fit)
-        fields = fields if {"components", "step"} <= set(fields) else None
     except ValueError:
         fields = None
-    if fields is None:
+    if not isinstance(fields, dict) or not {"components", "step"} <= set(fields):
         raise RunNotFound(f"{path}: its metadata is not the prior's fit ({fit[:40]!r}): export the run again")
+    fits(fields, PRIOR_FIT, path)
     return tensors, fields
 
 
-def read_prior(folder: Path) -> dict:
+def read_prior(folder: Path, latent_dim: int) -> dict:
     tensors, fields = read_prior_file(folder)
-    return {"kind": "gmm", **{k: v for k, v in fields.items() if k != "hair"}, **{k: tensors[k] for k in PRIOR_TENSORS}}
+    prior = {"kind": "gmm", **{k: v for k, v in fields.items() if k != "hair"},
+             **{k: tensors[k] for k in PRIOR_TENSORS}}
+    return checked_mixture(prior, folder / PRIOR_FILE, latent_dim)
 
 
-def read_hair(folder: Path) -> dict | None:
+def read_hair(folder: Path, latent_dim: int) -> dict | None:
     """What sampling by hair colour needs, as pipeline/attributes.py stores it; None when exported without."""
     tensors, fields = read_prior_file(folder)
     if "hair" not in fields:
@@ -146,7 +286,8 @@ def read_hair(folder: Path) -> dict | None:
                    for name, faces in hair["colours"].items()}
     except KeyError as err:
         raise RunNotFound(f"{folder / PRIOR_FILE} lacks {err.args[0]}: export the run again") from None
-    return {"step": hair["step"], "faces": hair["faces"], "not_offered": hair["not_offered"], "colours": colours}
+    return checked_hair({"step": hair["step"], "faces": hair["faces"], "not_offered": hair["not_offered"],
+                         "colours": colours}, folder / PRIOR_FILE, latent_dim)
 
 
 def read_export(folder) -> dict:

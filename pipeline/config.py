@@ -5,6 +5,7 @@ merges the composed config into that schema, so a wrong type, an unknown key or 
 stops the command with one line naming the key (exit status 2) before anything is read or written.
 """
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -24,25 +25,25 @@ def key(low=None, high=None, choices=None, default=MISSING) -> Any:
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def checked(cfg: DictConfig, schema: type) -> DictConfig:
-    """`cfg` typed by `schema` (a dataclass), or a ConfigError naming the first bad key."""
+def checked(cfg: DictConfig, schema: type, remedy: str = "fix it on the command line or in conf/") -> DictConfig:
+    """`cfg` typed by `schema` (a dataclass), or a ConfigError naming the first bad key (and `remedy`)."""
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.to_container(typed, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(describe_error(cfg, schema, err)) from None
+        raise ConfigError(describe_error(cfg, schema, err, remedy)) from None
     check_ranges(typed, schema, "")
     return typed
 
 
-def describe_error(cfg: DictConfig, schema: type, err: OmegaConfBaseException) -> str:
+def describe_error(cfg: DictConfig, schema: type, err: OmegaConfBaseException, remedy: str) -> str:
     name = err.full_key or ""
     field_type = schema_type(schema, name)
     if field_type is None:
         return f"{name or 'config'}: {str(err.msg).splitlines()[0]}"
     value = OmegaConf.select(cfg, name, throw_on_resolution_failure=False)
     shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
-    return f"{name}={shown!r} is not {type_words(field_type)}; fix it on the command line or in conf/"
+    return f"{name}={shown!r} is not {type_words(field_type)}" + (f"; {remedy}" if remedy else "")
 
 
 def schema_type(schema: type, dotted: str):
@@ -80,6 +81,8 @@ def check_ranges(cfg: DictConfig, schema: type, prefix: str) -> None:
             if low is not None and len(value) < low:
                 raise ConfigError(f"{name}={list(value)} needs at least {low} item(s)")
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} is not a finite number")
         if choices is not None and value not in choices:
             raise ConfigError(f"{name}={value!r}: use one of {', '.join(map(str, choices))}")
         if low is not None and value < low or high is not None and value > high:

@@ -34,8 +34,9 @@ class ConfigError(PipelineError):
     """A config key of the wrong type, out of range, or not one of its allowed values."""
 
 
-class RunNotFound(PipelineError):
-    """No trained run, or no readable checkpoint, where one was asked for."""
+class RunNotFound(PipelineError, ValueError):
+    """No trained run, or no usable checkpoint or export where one was asked for (a damaged or tampered file
+    too); in Python also a ValueError, as for any argument that cannot be used."""
 
 
 def exit_on_error(main):
@@ -49,11 +50,19 @@ def exit_on_error(main):
             if isinstance(err, OSError) and err.errno not in DISK_ERRORS:
                 raise
             message = str(err) if isinstance(err, PipelineError) else cannot_write(err)
-            logging.getLogger(main.__module__).error("%s", message)
+            log_to_files(logging.getLogger(main.__module__), message)
             print(f"error: {message}", file=sys.stderr)
             remove_if_no_results(hydra_output_dir())
             raise SystemExit(2) from None
     return wrapper
+
+
+def log_to_files(logger: logging.Logger, message: str) -> None:
+    """The error into the command's log file, not onto the console again (the `error:` line is shown once)."""
+    record = logger.makeRecord(logger.name, logging.ERROR, "", 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def cannot_write(err: OSError) -> str:

@@ -158,8 +158,7 @@ class LoadedRun:
                 "hair": list(self.hair["colours"]), "hair_not_offered": self.hair["not_offered"],
                 "hair_note": self.hair_note, **self.slider_list(),
                 "nearest_note": "" if run.has_split("train") else
-                f"nearest training faces: not available, the training split "
-                f"{run.config['train']['train_file']} is not there"}
+                f"nearest training faces: not available, {run.split_problem('train')}"}
 
     def decoders(self) -> list[str]:
         return ["sharp", "elbo"] if self.run.sharp_model is not None else ["elbo"]

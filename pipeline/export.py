@@ -72,23 +72,50 @@ def project_version() -> str:
         return "unknown"
 
 
+# what a path on the trainer's machine becomes in a folder handed to others
+PATH_PLACEHOLDERS = {"paths.data_dir": "DATA_DIR", "paths.output_dir": "OUTPUT_DIR", "resume": "RUN_FOLDER"}
+
+
 def training_command(run_dir: Path) -> str:
-    """The command line that trained the run (Hydra's record of its overrides)."""
+    """The command line that trained the run (Hydra's record of its overrides), without local paths."""
     overrides = run_dir / ".hydra" / "overrides.yaml"
     args = list(OmegaConf.load(overrides)) if overrides.is_file() else []
-    return " ".join(["python -m pipeline.train", *map(str, args)])
+    return " ".join(["python -m pipeline.train", *map(without_local_path, map(str, args))])
+
+
+def without_local_path(override: str) -> str:
+    """`key=value` with a path value replaced by a placeholder (DATA_DIR, ..., or PATH for any other key)."""
+    name, sep, value = override.partition("=")
+    is_path = name.lstrip("+~").startswith("paths.") or "/" in value or "\\" in value or value.startswith("~")
+    if not sep or not is_path or value.startswith("["):
+        return override
+    return f"{name}={PATH_PLACEHOLDERS.get(name.lstrip('+~'), 'PATH')}"
+
+
+def public_training(training: dict) -> dict:
+    """An export's record of its training (exported again) with any local path still in its command replaced."""
+    command = training.get("command")
+    if not isinstance(command, str):
+        return training
+    return {**training, "command": " ".join(map(without_local_path, command.split(" ")))}
 
 
 def data_summary(run: Run) -> dict:
     """The split file names (a loader looks for them in its own data folder) and what splits.json says."""
     train_file, test_file = Path(run.config["train"]["train_file"]), Path(run.config["train"]["test_file"])
     summary = {"train_file": train_file.name, "test_file": test_file.name}
-    splits = train_file.parent / "splits.json"
+    splits = (run.split_path("train") if run.has_split("train") else train_file).parent / "splits.json"
     if not run.exported and splits.is_file():
-        recorded = json.loads(splits.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(splits.read_text(encoding="utf-8"))
+        except ValueError as err:
+            log.warning("%s is not readable JSON (%s): the model card leaves out what it says", splits, err)
+            recorded = {}
         summary.update({k: v for k, v in recorded.items() if not isinstance(v, (list, dict))})
     elif run.exported:
         summary.update({k: v for k, v in run.ckpt["export"]["data"].items() if k not in summary})
+    if summary.get("faces_dir"):
+        summary["faces_dir"] = Path(summary["faces_dir"]).name  # the folder's name, not where it was on disk
     return summary
 
 
@@ -129,7 +156,7 @@ def export_config(run: Run, prior: dict, hair: dict) -> dict:
         "prior": {k: prior[k] for k in ("kind", "components", "codes", "seed") if k in prior},
         "hair": {"offered": {name: c["faces"] for name, c in hair["colours"].items()},
                  "not_offered": hair["not_offered"]} if hair else {"offered": {}, "not_offered": {}},
-        "training": source.get("training") or {
+        "training": public_training(source["training"]) if source.get("training") else {
             "command": training_command(run.ckpt_path.parent), "preset": run.config.get("preset_name"),
             "batch_size": run.config["train"].get("batch_size"), "run": run.ckpt_path.parent.name},
         "data": data_summary(run), "metrics": evaluated(run), "project": f"animeface-vae {project_version()}",

@@ -5,14 +5,16 @@ Training ends by fitting the mixture and storing it as `prior.pt` beside `ckpt.p
 samples with its best prior without the training data.
 """
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.mixture import GaussianMixture
 
-from pipeline.errors import PipelineError
-from pipeline.stored import load_stored, save_stored
+from pipeline.config import key
+from pipeline.errors import PipelineError, RunNotFound
+from pipeline.stored import load_stored, require_finite, save_stored
 from pipeline.model import VAE, encode_means
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,50 @@ def save_prior(run_dir, prior: dict) -> Path:
     return save_stored(Path(run_dir) / PRIOR_NAME, prior)
 
 
-def load_prior(run_dir) -> dict | None:
-    """The prior stored in a run folder, or None for runs trained before priors were stored."""
-    return load_stored(Path(run_dir) / PRIOR_NAME, "prior", "delete it and it is fitted again when the training "
-                       "split is there, or sample with prior=normal")
+def load_prior(run_dir, latent_dim: int | None = None) -> dict | None:
+    """The prior stored in a run folder, checked (for codes of `latent_dim`, when given), or None for runs trained
+    before priors were stored."""
+    path = Path(run_dir) / PRIOR_NAME
+    prior = load_stored(path, "prior", "delete it and it is fitted again when the training split is there, or "
+                        "sample with prior=normal")
+    return None if prior is None else checked_mixture(prior, path, latent_dim)
+
+
+def checked_mixture(prior: dict, path, latent_dim: int | None = None) -> dict:
+    """A stored mixture that sample_latents can draw from: weights a distribution over K components, K means and K
+    lower-triangular Cholesky factors with a positive diagonal, all finite (as float64); else one line naming it."""
+    def refuse(what: str):
+        raise RunNotFound(f"{path}: the prior's {what} (the file is damaged): export or train the run again, or "
+                          "ask whoever sent it for a new copy")
+    try:
+        weights, means, cholesky = (prior[k].double() for k in ("weights", "means", "cholesky"))
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        refuse("weights, means or cholesky are missing or not tensors")
+    require_finite({"weights": weights, "means": means, "cholesky": cholesky}, path, "the prior's")
+    k = len(weights)
+    dim = latent_dim or (means.shape[-1] if means.dim() == 2 else 0)
+    if weights.dim() != 1 or k == 0 or means.shape != (k, dim) or cholesky.shape != (k, dim, dim):
+        refuse(f"shapes disagree: weights {tuple(weights.shape)}, means {tuple(means.shape)}, cholesky "
+               f"{tuple(cholesky.shape)} (expected K, K x {dim}, K x {dim} x {dim})")
+    if prior.get("components") not in (None, k):
+        refuse(f"components={prior['components']!r} but it holds {k}")
+    if (weights < 0).any() or abs(weights.sum().item() - 1) > 1e-6:
+        refuse(f"weights are not a distribution (they must be >= 0 and sum to 1; they sum to {weights.sum().item():g})")
+    if not is_cholesky(cholesky):
+        refuse("cholesky factors are not lower-triangular with a positive diagonal")
+    return {**prior, "weights": weights, "means": means, "cholesky": cholesky}
+
+
+def is_cholesky(factors: torch.Tensor) -> bool:
+    return bool((factors.triu(1) == 0).all() and (factors.diagonal(dim1=-2, dim2=-1) > 0).all())
+
+
+@dataclass
+class Draw:
+    """What a draw of codes takes, checked alike by pipeline.sample's keys and by `load(...).sample()`."""
+    n: int = key(low=1, high=100_000)
+    seed: int = key(low=0, high=2 ** 63 - 1)
+    temperature: float = key(low=0.0, high=3.0)
 
 
 def sample_latents(prior: dict | None, n: int, latent_dim: int, generator: torch.Generator,

@@ -54,8 +54,9 @@ def rng_states(proc, sharp=None) -> list[dict]:
 
 
 def checkpoint_state(cfg, parts, progress: Progress, rngs: list, steps_per_epoch: int,
-                     vae_steps: int) -> dict:
-    """Everything a resume needs (`parts`: train.py's Parts, what training updates)."""
+                     vae_steps: int, faces: tuple[int, int]) -> dict:
+    """Everything a resume needs (`parts`: train.py's Parts, what training updates), and the faces in each split
+    (a moved data folder is checked against them)."""
     return {"format": CKPT_FORMAT, "model_args": parts.model_args, "model": parts.core.state_dict(),
             "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
             "step": progress.step, "epoch": progress.step // steps_per_epoch,
@@ -63,7 +64,7 @@ def checkpoint_state(cfg, parts, progress: Progress, rngs: list, steps_per_epoch
             **({"sharp": parts.sharp.state_dict()} if parts.sharp else {}),
             "best_test_elbo": progress.best_test_elbo, "rng": rngs,
             "obs_std": float(cfg.obs_std), "likelihood": cfg.likelihood,
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": OmegaConf.to_container(cfg, resolve=True), "faces": dict(zip(("train", "test"), faces)),
             **({"ema": parts.ema.module.state_dict(), "ema_n": int(parts.ema.n_averaged)} if parts.ema else {})}
 
 

@@ -14,7 +14,8 @@ from pipeline.bundle import CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, re
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
-from pipeline.prior import PRIOR_NAME, answers, fit_gmm_prior, load_prior, save_prior
+from pipeline.prior import PRIOR_NAME, answers, checked_mixture, fit_gmm_prior, load_prior, save_prior
+from pipeline.stored import require_finite
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise RunNotFound(f"{path} is not an animeface-vae checkpoint (format {CKPT_FORMAT!r} expected); "
                           "pass a ckpt.pt written by `make train`")
+    for part in ("model", "ema"):
+        require_finite(ckpt.get(part) or {}, path, "the weight" if part == "model" else "the averaged weight")
+    require_finite(ckpt.get("sharp", {}).get("decoder") or {}, path, "the sharp decoder's weight")
     return ckpt
 
 
@@ -160,8 +164,9 @@ class Run:
         self.ckpt_path = Path(ckpt_path)
         self.exported = self.ckpt_path.suffix == ".safetensors"
         self.ckpt = read_export(self.ckpt_path.parent) if self.exported else load_checkpoint(self.ckpt_path)
+        self.data_dir = Path(data_dir)
         if self.exported:
-            self.ckpt["config"]["train"] = {k: str(Path(data_dir) / name)
+            self.ckpt["config"]["train"] = {k: str(self.data_dir / name)
                                             for k, name in self.ckpt["config"]["train"].items()}
         self.elbo_model = model_from_checkpoint(self.ckpt, device)
         self.sharp_model = sharp_from_checkpoint(self.ckpt, self.elbo_model, self.ckpt_path)
@@ -174,10 +179,40 @@ class Run:
         self._hair, self._stored_prior = None, None
 
     def split(self, name: str) -> np.ndarray:
-        return load_split(self.config["train"][f"{name}_file"], name)
+        return load_split(self.split_path(name), name)
 
     def has_split(self, name: str) -> bool:
-        return Path(self.config["train"][f"{name}_file"]).is_file()
+        return not self.split_problem(name)
+
+    def split_problem(self, name: str) -> str:
+        """Why the split is not there to use ("" when it is)."""
+        try:
+            path = self.split_path(name)
+        except DataError as err:
+            return str(err)
+        return "" if path.is_file() else f"the {'training' if name == 'train' else name} split {path} is not there"
+
+    def split_path(self, name: str) -> Path:
+        """The packed split the run was trained on: the path it recorded, else its file name under data_dir (the
+        data moved to another disk or machine) when that holds as many faces as the run was trained on; an
+        export's is always under data_dir, checked the same way."""
+        recorded = Path(self.config["train"][f"{name}_file"])
+        moved = self.data_dir / recorded.name
+        if not self.exported and (recorded.is_file() or not moved.is_file()):
+            return recorded
+        trained_on = (self.ckpt["export"]["data"] if self.exported else self.ckpt.get("faces", {})).get(name)
+        try:
+            faces = len(np.load(moved, mmap_mode="r", allow_pickle=False))
+        except (OSError, ValueError, EOFError, TypeError):
+            return moved  # load_split says what is wrong with it
+        if trained_on is not None and faces != trained_on:
+            raise DataError(f"{moved} holds {faces} faces, but {self.ckpt_path.parent} was trained on {trained_on} "
+                            f"{name} faces: it is another data set. Point paths.data_dir at the folder the run was "
+                            "trained on")
+        if trained_on is None and moved != recorded:
+            log.warning("%s is gone; using %s instead (this run does not record how many faces it was trained on, "
+                        "so it cannot be checked)", recorded, moved)
+        return moved
 
     def prior(self, name: str, components: int, seed: int) -> tuple[dict | None, str]:
         """The distribution to draw codes from, and its name for file names and logs.
@@ -212,7 +247,8 @@ class Run:
         """The run folder's prior, read once (make eval asks for it per decoder)."""
         if self._stored_prior is None:
             folder = self.ckpt_path.parent
-            self._stored_prior = read_prior(folder) if self.exported else load_prior(folder)
+            latent_dim = self.model.latent_dim
+            self._stored_prior = read_prior(folder, latent_dim) if self.exported else load_prior(folder, latent_dim)
         return self._stored_prior
 
     @property
@@ -227,7 +263,8 @@ class Run:
         if self._hair is not None:
             return self._hair
         folder = self.ckpt_path.parent
-        stored = read_hair(folder) if self.exported else load_hair(folder)
+        latent_dim = self.model.latent_dim
+        stored = read_hair(folder, latent_dim) if self.exported else load_hair(folder, latent_dim)
         if stored is not None and (stored["step"] == self.encoder_step or not self.has_split("train")):
             self._hair = stored
             return stored
@@ -270,7 +307,7 @@ class Run:
     def cached_gmm(self, components: int, seed: int) -> dict:
         cache = self.ckpt_path.parent / f"gmm_k{components}_step{self.encoder_step}_seed{seed}.pt"
         if cache.exists():
-            return torch.load(cache, weights_only=True)
+            return checked_mixture(torch.load(cache, weights_only=True), cache, self.model.latent_dim)
         prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
         atomic_write(cache, lambda f: torch.save(prior, f))
         return prior

@@ -26,21 +26,20 @@ from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import to_uint8
 from pipeline.model import recon_grid
-from pipeline.prior import sample_latents
+from pipeline.prior import Draw, sample_latents
 from pipeline.runs import DECODERS, Run, list_runs, open_run, pick_device
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SampleJob:
-    """conf/sample.yaml's keys, their types and ranges (obs_std is appended with +obs_std=...)."""
+class SampleJob(Draw):
+    """conf/sample.yaml's keys, their types and ranges (obs_std is appended with +obs_std=...); n, seed and
+    temperature as pipeline/prior.py's Draw checks them (for `load(...).sample()` too)."""
     paths: Paths = key(default=Paths)
     ckpt: str | None = key()
     sheet: str = key(choices=("samples", "recon", "interp", "obs_std"))
-    n: int = key(low=1)
     nrow: int = key(low=1)
-    seed: int = key(low=0)
     noise: bool = key()
     prior: str = key(choices=("default", "normal", "gmm"))
     decoder: str = key(choices=DECODERS)
@@ -54,24 +53,26 @@ class SampleJob:
 
 def samples_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
     prior, prior_name = sampling_prior(run, cfg)
-    z = run.steered(sample_latents(prior, cfg.n, run.model.latent_dim, generator), cfg.steer)
+    z = run.steered(sample_latents(prior, cfg.n, run.model.latent_dim, generator, cfg.temperature), cfg.steer)
     kind = "noisy" if cfg.noise else "means"
     steer = "".join(f"_{name}{value:+g}" for name, value in cfg.steer.items())
+    temperature = "" if cfg.temperature == 1 else f"_t{cfg.temperature:g}"
     return (run.decode(z, cfg.noise, generator),
-            f"samples_{prior_name}_{kind}_seed{cfg.seed}_{run.decoder_name}{steer}")
+            f"samples_{prior_name}_{kind}_seed{cfg.seed}{temperature}_{run.decoder_name}{steer}")
 
 
 def sampling_prior(run: Run, cfg) -> tuple[dict | None, str]:
-    """prior= as asked; hair=<colour>: the stored mixture reweighted for that colour (pipeline/attributes.py)."""
+    """prior= as asked; hair=<colour>: that colour's own Gaussian over the codes (pipeline/attributes.py)."""
     if cfg.hair is None:
         prior, prior_name = run.prior(cfg.prior, cfg.gmm_components, cfg.seed)
         log.info("prior: %s%s", prior_name, " (the run's stored prior)" if cfg.prior == "default" else "")
         return prior, prior_name
     if cfg.prior != "default":
-        raise PipelineError(f"hair={cfg.hair} reweights the run's stored prior: leave prior at default "
+        raise PipelineError(f"hair={cfg.hair} has its own distribution of codes: leave prior at default "
                             f"(not prior={cfg.prior})")
-    log.info("prior: the run's stored prior, weighted for %s hair", cfg.hair)
-    return run.hair_prior(cfg.hair), f"hair-{cfg.hair}"
+    prior = run.hair_prior(cfg.hair)  # checked before it is announced
+    log.info("prior: the run's own distribution of codes for %s hair", cfg.hair)
+    return prior, f"hair-{cfg.hair}"
 
 
 def recon_sheet(run: Run, cfg, generator) -> tuple[torch.Tensor, str]:
@@ -132,7 +133,7 @@ def obs_std_sheet(cfg, device) -> tuple[Image.Image, Path]:
         run = Run(ckpt, device, cfg.decoder)
         generator = torch.Generator().manual_seed(cfg.seed)
         z = sample_latents(run.prior(cfg.prior, cfg.gmm_components, cfg.seed)[0], cfg.nrow, run.model.latent_dim,
-                           generator)
+                           generator, cfg.temperature)
         rows.append(run.decode(z))
         labels.append(f"obs_std={obs_std:g} {run.decoder_name}")
         log.info("row %d: obs_std=%g from %s (%s decoder)", len(rows), obs_std, ckpt, run.decoder_name)

@@ -517,7 +517,7 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
             rngs = rng_states(proc, parts.sharp)  # a collective: every rank takes part
             if outputs:
                 outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch,
-                                                         phases.vae_steps))
+                                                         phases.vae_steps, (len(train_data), len(test_data))))
             last_good_step = step
         if signum:
             break

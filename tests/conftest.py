@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline.pack import pack
 from tests import realdata
-from tests.helpers import ROOT, run_module, synthetic_faces, train_args, upstream_face_counts
+from tests.helpers import ROOT, export, run_module, synthetic_faces, train_args, upstream_face_counts
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +88,11 @@ sharp decoder: 10 steps of it). Read only."""
 def runs_copy(tiny_runs, tmp_path):
     """A copy of `tiny_runs` that a test may write into (samples beside the checkpoint, caches, metrics)."""
     return shutil.copytree(tiny_runs, tmp_path / "outputs")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_runs, tmp_path_factory):
+    """The obs_std=0.1 tiny run exported once (read only: tests that write into one copy it)."""
+    out = tmp_path_factory.mktemp("export") / "faces-0.1"
+    assert export(tiny_runs, "+obs_std=0.1", f"out={out}").stdout.strip().splitlines()[-1] == str(out)
+    return out

@@ -18,6 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from pipeline import errors
 
 ROOT = Path(__file__).resolve().parents[1]
+# any valid OpenCV cascade: the export copies the detector it is given (the real one is in ../shared only)
+CASCADE = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
 
 
 def run_process(module: str, *overrides: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -79,6 +81,11 @@ def checked_run(module: str, proc: subprocess.CompletedProcess, check: bool) -> 
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def export(runs, *args, check=True) -> subprocess.CompletedProcess:
+    """`python -m pipeline.export` of a run under `runs`, with a stand-in cascade (no download)."""
+    return run_module("pipeline.export", f"paths.output_dir={runs}", f"crop.cascade={CASCADE}", *args, check=check)
 
 
 def train_args(data_dir, out_dir, *extra, sharp_steps=0) -> list[str]:

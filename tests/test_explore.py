@@ -246,9 +246,9 @@ def test_sliders_made_from_marked_faces_are_saved_in_the_run_folder(server, runs
     assert np.allclose(moved, expected, atol=1e-4)
 
 
-def test_nearest_faces_say_when_the_training_data_is_gone(runs):
+def test_nearest_faces_say_when_the_training_data_is_gone(runs, tmp_path):
     settings = type("Settings", (), {"directions": 4, "strip": 3, "nearest": 2, "interp_steps": 2})
-    loaded = LoadedRun(next(runs.rglob("ckpt.pt")), torch.device("cpu"), settings)
+    loaded = LoadedRun(next(runs.rglob("ckpt.pt")), torch.device("cpu"), settings, data_dir=tmp_path / "no-data")
     loaded.run.config["train"]["train_file"] = "/nonexistent/train.npy"
     assert not loaded.describe()["nearest"]
     with pytest.raises(BadRequest, match="not available, the training split /nonexistent/train.npy"):

@@ -152,9 +152,10 @@ def test_the_default_grid_uses_the_stored_prior_and_needs_no_data(tiny_data, tmp
                           np.asarray(Image.open(tmp_path / "without.png")))
     sample(tmp_path / "out", "+obs_std=0.1", "sheet=obs_std")
     sample(tmp_path / "out", "+obs_std=0.1", "decoder=elbo", "noise=true")
-    proc = sample(tmp_path / "out", "sheet=recon", check=False)
+    nowhere = f"paths.data_dir={tmp_path}/no-data"  # nor under paths.data_dir (the default data/ may hold faces)
+    proc = sample(tmp_path / "out", "sheet=recon", nowhere, check=False)
     assert proc.returncode == 2 and f"test split not found at {data}/test.npy" in proc.stderr
-    proc = sample(tmp_path / "out", "prior=gmm", "gmm_components=3", check=False)
+    proc = sample(tmp_path / "out", "prior=gmm", "gmm_components=3", nowhere, check=False)
     assert proc.returncode == 2 and f"({data}/train.npy) is not there" in proc.stderr
     # asking for more than 400 codes support is answered by the stored 4-component mixture, without the data
     assert "prior: gmm" in sample(tmp_path / "out", "prior=gmm", "gmm_components=100").stdout
@@ -180,7 +181,7 @@ def test_the_mixture_gets_at_most_one_component_per_hundred_training_codes(caplo
 
 @pytest.mark.parametrize("module, args, message", [
     ("pipeline.sample", ["n=abc"], "n='abc' is not a whole number"),
-    ("pipeline.sample", ["n=0"], "n=0 is out of range: it must be >= 1"),
+    ("pipeline.sample", ["n=0"], "n=0 is out of range: it must be in [1, 100000]"),
     ("pipeline.sample", ["sheet=mosaic"], "sheet='mosaic': use one of samples, recon, interp, obs_std"),
     ("pipeline.sample", ["sheet=interp", "n=800"], "sheet needs 2 x n/nrow = 2 x 100 test faces"),
     ("pipeline.sample", ["sheet=recon", "n=800"], "sheet needs n test faces"),
