@@ -24,7 +24,7 @@ from pipeline.stored import require_finite
 EXPORT_FORMAT = "animeface-vae-export/1"
 MODEL_FILE, PRIOR_FILE, CONFIG_FILE = "model.safetensors", "prior.safetensors", "config.json"
 CARD_FILE, GRID_FILE, CASCADE_FILE = "README.md", "samples.png", "lbpcascade_animeface.xml"
-SLIDERS_FILE = "sliders.json"
+SLIDERS_FILE, WEB_FOLDER = "sliders.json", "web"
 SHARP_PREFIX = "sharp."
 PRIOR_TENSORS = ("weights", "means", "cholesky")
 PRIOR_FIELDS = ("kind", "components", "codes", "seed", "step")

@@ -25,13 +25,14 @@ from torchvision.utils import save_image
 
 from pipeline.adversarial import decoder_state
 from pipeline.bundle import (CARD_FILE, CASCADE_FILE, CONFIG_FILE, GRID_FILE, MODEL_FILE, PRIOR_FILE, SLIDERS_FILE,
-                             config_bytes, model_bytes, prior_bytes)
+                             WEB_FOLDER, config_bytes, model_bytes, prior_bytes)
 from pipeline.config import Paths, checked, key
 from pipeline.errors import DataError, PipelineError, exit_on_error
 from pipeline.faces import DetectorConfig, load_cascade, only_detector_keys, resolve_cascade
 from pipeline.model import bits_per_dim, model_settings
 from pipeline.prior import sample_latents
 from pipeline.runs import Run, open_run
+from pipeline.web import WebConfig, web_files
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ExportJob:
     nrow: int = key(low=1)
     seed: int = key(low=0)
     device: str = key()
+    web: WebConfig = key(default=WebConfig)
     obs_std: float | None = key(low=1e-6, default=None)
 
 
@@ -196,12 +198,17 @@ def export_files(cfg, run: Run) -> dict[str, bytes]:
     cascade = cascade_bytes(cfg, run)
     files = {MODEL_FILE: model_bytes(run.elbo_model.state_dict(), sharp), PRIOR_FILE: prior_bytes(prior, hair),
              CONFIG_FILE: config_bytes(config), GRID_FILE: grid_png(run, cfg, prior),
-             CARD_FILE: model_card(config, cascade is not None).encode()}
+             CARD_FILE: model_card(config, cascade is not None, cfg.web.enabled).encode()}
     if cascade is not None:
         files[CASCADE_FILE] = cascade
     sliders = run.ckpt_path.parent / SLIDERS_FILE
     if sliders.is_file():
         files[SLIDERS_FILE] = sliders.read_bytes()
+    if cfg.web.enabled:
+        about = {"obs_std": run.obs_std, "step": run.ckpt["step"], "decoder": run.decoder_name,
+                 "parameters": config["parameters"], "test_elbo": config["test_elbo"]}
+        web = web_files(cfg.web, run.model, prior, hair, run.sliders()[0], about)
+        files.update({f"{WEB_FOLDER}/{name}": data for name, data in web.items()})
     return files
 
 
@@ -216,6 +223,7 @@ def write_folder(out: Path, files: dict[str, bytes]) -> None:
                             "folder you can write") from None
     try:
         for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
         old = out.with_name(f".{out.name}.old") if out.exists() else None
         if old:
@@ -256,7 +264,7 @@ def metric_lines(metrics: dict | None) -> list[str]:
     return lines
 
 
-def model_card(config: dict, has_cascade: bool) -> str:
+def model_card(config: dict, has_cascade: bool, has_web: bool) -> str:
     """README.md of the export: what it is, how it was trained, how good it is, how to use it."""
     data, train = config["data"], config["training"]
     decoders = ("the exact-ELBO decoder (`decoder=elbo`) and a sharp decoder for the same codes (the default "
@@ -286,15 +294,18 @@ def model_card(config: dict, has_cascade: bool) -> str:
         "detector (https://github.com/nagadomi/lbpcascade_animeface) into square tiles, deduplicated and split "
         "by `make data`. The pictures belong to their publishers: for research and personal use.", "",
         "## Quality", "", f"Test ELBO: {elbo}.", "", *metric_lines(config["metrics"]), "",
-        *usage_lines(has_cascade)]
+        *usage_lines(has_cascade, has_web)]
     return "\n".join(lines) + "\n"
 
 
-def usage_lines(has_cascade: bool) -> list[str]:
+def usage_lines(has_cascade: bool, has_web: bool) -> list[str]:
     upload = ("The folder carries the detector's cascade: uploads in the explorer work offline."
               if has_cascade else "Exported without the detector's cascade: for uploads in the explorer pass "
               "crop.cascade=/path/to/lbpcascade_animeface.xml.")
-    return ["## Use", "", "With the animeface-vae code installed (`make install`, or `pip install -e .`, in its "
+    web = ([f"Without Python: `{WEB_FOLDER}/` is a static web page that draws faces in the browser. Publish it on any "
+            f"static host, or `python -m http.server -d {WEB_FOLDER} 8000` and open http://localhost:8000/.", ""]
+           if has_web else [])
+    return ["## Use", "", *web, "With the animeface-vae code installed (`make install`, or `pip install -e .`, in its "
             "clone):", "",
             "```", "python -m pipeline.sample ckpt=THIS_FOLDER            # a grid, like samples.png",
             "python -m pipeline.explore ckpt=THIS_FOLDER           # sample, steer and encode in the browser",
@@ -303,7 +314,9 @@ def usage_lines(has_cascade: bool) -> list[str]:
             "faces = model.sample(16, seed=0)   # uint8 16 x 64 x 64 x 3", "```", "", upload, "",
             "## Files", "", f"`{MODEL_FILE}` (the VAE's tensors; `sharp.*` the sharp decoder's), `{PRIOR_FILE}` "
             f"(the mixture: weights, means, cholesky), `{CONFIG_FILE}`, `{GRID_FILE}`"
-            + (f", `{CASCADE_FILE}`" if has_cascade else "") + ". Nothing is pickled."]
+            + (f", `{CASCADE_FILE}`" if has_cascade else "")
+            + (f", `{WEB_FOLDER}/` (the page, its decoder as ONNX, the mixture packed for it, ONNX Runtime Web)"
+               if has_web else "") + ". Nothing is pickled."]
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

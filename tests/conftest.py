@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from pipeline.pack import pack
 from tests import realdata
-from tests.helpers import ROOT, export, run_module, synthetic_faces, train_args, upstream_face_counts
+from tests.helpers import (CHROMIUM, NO_BROWSER, ROOT, export, run_module, synthetic_faces, train_args,
+                           upstream_face_counts)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +97,18 @@ def exported(tiny_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "faces-0.1"
     assert export(tiny_runs, "+obs_std=0.1", f"out={out}").stdout.strip().splitlines()[-1] == str(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's) driven by Playwright, once per session; a skip naming what to install."""
+    if CHROMIUM is None:
+        pytest.skip(f"no Chromium found: {NO_BROWSER}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(f"playwright is not installed: {NO_BROWSER}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()

@@ -5,6 +5,7 @@ import logging
 import os
 import runpy
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from pipeline import errors
 ROOT = Path(__file__).resolve().parents[1]
 # any valid OpenCV cascade: the export copies the detector it is given (the real one is in ../shared only)
 CASCADE = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+NO_BROWSER = ("needs headless Chromium driven by Playwright: `apt-get install chromium` (Debian's package) and "
+              "`pip install playwright` (`make test` installs playwright; .ci/run installs chromium)")
 
 
 def run_process(module: str, *overrides: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -83,9 +87,12 @@ def checked_run(module: str, proc: subprocess.CompletedProcess, check: bool) -> 
     return proc
 
 
-def export(runs, *args, check=True) -> subprocess.CompletedProcess:
-    """`python -m pipeline.export` of a run under `runs`, with a stand-in cascade (no download)."""
-    return run_module("pipeline.export", f"paths.output_dir={runs}", f"crop.cascade={CASCADE}", *args, check=check)
+def export(runs, *args, check=True, web_cache=None) -> subprocess.CompletedProcess:
+    """`python -m pipeline.export` of a run under `runs`, with a stand-in cascade; with the web page only when
+    `web_cache` (the folder ONNX Runtime Web is cached in) is given."""
+    web = f"web.cache_dir={web_cache}" if web_cache else "web.enabled=false"
+    return run_module("pipeline.export", f"paths.output_dir={runs}", f"crop.cascade={CASCADE}", web, *args,
+                      check=check)
 
 
 def train_args(data_dir, out_dir, *extra, sharp_steps=0) -> list[str]:

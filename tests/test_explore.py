@@ -24,9 +24,6 @@ from pipeline.images import load_image
 from tests import realdata
 from tests.helpers import ROOT, run_module
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-NO_BROWSER = ("needs headless Chromium driven by Playwright: `apt-get install chromium` (Debian's package) and "
-              "`pip install playwright` (`make test` installs playwright; .ci/run installs chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -285,20 +282,6 @@ def test_another_host_warns_that_the_page_is_shared(runs):
 
 
 # --- in a real browser ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip(f"no Chromium found: {NO_BROWSER}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip(f"playwright is not installed: {NO_BROWSER}")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
 
 @pytest.fixture
 def page(browser, server):

@@ -83,7 +83,8 @@ def test_exporting_the_same_run_twice_gives_the_same_bytes(exported, tiny_runs, 
     assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in exported.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temp folder left beside it
     run_module("pipeline.export", f"paths.output_dir={tmp_path}/no-outputs", f"ckpt={exported}",  # the default
-               f"out={tmp_path}/of-the-export", f"crop.cascade_cache_dir={tmp_path}/no-cache")  # cascade URL, unused
+               f"out={tmp_path}/of-the-export", f"crop.cascade_cache_dir={tmp_path}/no-cache",  # cascade URL, unused
+               "web.enabled=false")
     assert {p.name: p.read_bytes() for p in (tmp_path / "of-the-export").iterdir()} == \
         {p.name: p.read_bytes() for p in exported.iterdir()}  # an export exported again: the same folder
 
@@ -185,7 +186,7 @@ def test_bad_destinations_are_refused_and_leave_nothing_behind(tiny_runs, tmp_pa
     proc = export(tiny_runs, "+obs_std=0.1", f"out={read_only}", check=False)
     assert proc.returncode == 2 and "cannot write the export into /sys/fs" in proc.stderr
     with pytest.raises(PipelineError, match="nothing was left there"):
-        write_folder(tmp_path / "half", {"config.json": b"{}", "no/such/folder.bin": b"x"})
+        write_folder(tmp_path / "half", {"config.json": b"{}", "config.json/under/a/file.bin": b"x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert export(tiny_runs, "+obs_std=0.3", f"out={tmp_path}/plain", "cascade=false").returncode == 0
     assert "sharp" not in json.loads((tmp_path / "plain" / "config.json").read_text())["decoders"]
