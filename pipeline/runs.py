@@ -176,7 +176,7 @@ class Run:
         self.obs_std = float(self.ckpt["obs_std"])
         self.likelihood = self.ckpt["likelihood"]
         self.config = self.ckpt["config"]
-        self._hair, self._stored_prior = None, None
+        self._hair, self._stored_prior, self._unchecked = None, None, set()
 
     def split(self, name: str) -> np.ndarray:
         return load_split(self.split_path(name), name)
@@ -209,7 +209,8 @@ class Run:
             raise DataError(f"{moved} holds {faces} faces, but {self.ckpt_path.parent} was trained on {trained_on} "
                             f"{name} faces: it is another data set. Point paths.data_dir at the folder the run was "
                             "trained on")
-        if trained_on is None and moved != recorded:
+        if trained_on is None and moved != recorded and name not in self._unchecked:
+            self._unchecked.add(name)
             log.warning("%s is gone; using %s instead (this run does not record how many faces it was trained on, "
                         "so it cannot be checked)", recorded, moved)
         return moved

@@ -1,6 +1,7 @@
 """An export folder is a file from a stranger, and a run folder can be damaged on disk: every case is one line
 (exit 2; a ValueError in Python) and no picture, on tampered copies of the session's tiny runs and their export."""
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -185,7 +186,8 @@ def test_the_export_carries_no_local_path(exported, tiny_data):
     assert "paths.data_dir=DATA_DIR" in command and "paths.output_dir=OUTPUT_DIR" in command and "obs_std=0.1" in command
 
 
-def test_paths_data_dir_finds_a_run_s_moved_splits_and_refuses_another_data_set(runs_copy, tiny_data, tmp_path):
+def test_paths_data_dir_finds_a_run_s_moved_splits_and_refuses_another_data_set(runs_copy, tiny_data, tmp_path,
+                                                                               caplog):
     run_dir = next(runs_copy.glob("train/obs_std-0.1/*/"))
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
     assert ckpt["faces"] == {"train": 400, "test": 80}
@@ -205,6 +207,11 @@ def test_paths_data_dir_finds_a_run_s_moved_splits_and_refuses_another_data_set(
     proc = run_module(*common, f"paths.data_dir={other}", f"out={tmp_path}/c.png", check=False)
     assert proc.returncode == 2 and f"{other}/test.npy holds 50 faces, but {run_dir} was trained on 80 test faces" \
         in proc.stderr and not (tmp_path / "c.png").exists()
+    del ckpt["faces"]  # a run trained before the counts were recorded: used, with a warning that says so
+    torch.save(ckpt, run_dir / "ckpt.pt")
+    with caplog.at_level(logging.WARNING):
+        assert load(run_dir, device="cpu", data_dir=other).run.split("test").shape[0] == 50
+    assert "/gone/data/test.npy is gone; using" in caplog.text and "cannot be checked" in caplog.text
 
 
 def test_a_good_export_still_loads_as_before(exported, tiny_runs):

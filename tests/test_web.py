@@ -214,6 +214,32 @@ def test_the_page_draws_the_run_s_pixels_offline_from_a_plain_static_host(browse
 
 
 @pytest.mark.slow
+def test_the_page_draws_codes_from_the_run_s_own_distributions(browser, site):
+    """Its own random numbers, the same distribution: a hair colour's Gaussian (mean and covariance) and the
+    mixture's mean, from 4,000 draws."""
+    run = load(site, device="cpu").run
+    with served(site / "web") as url:
+        page = opened(browser, url)
+        colour = next(iter(run.hair()["colours"]))
+        drawn = np.array(page.evaluate("c => window.sampledCodes(4000, 7, 1, c)", colour))
+        again = np.array(page.evaluate("c => window.sampledCodes(4000, 7, 1, c)", colour))
+        mixture = np.array(page.evaluate("() => window.sampledCodes(4000, 3, 1, null)"))
+        cooler = np.array(page.evaluate("c => window.sampledCodes(4000, 7, 0.5, c)", colour))
+        page.close()
+    assert np.array_equal(drawn, again)  # seeded
+    own = run.hair()["colours"][colour]
+    mean, covariance = own["mean"].numpy(), (own["cholesky"] @ own["cholesky"].T).numpy()
+    spread = np.sqrt(np.diag(covariance) / len(drawn))
+    assert np.all(np.abs(drawn.mean(0) - mean) < 5 * spread)
+    assert np.linalg.norm(np.cov(drawn.T) - covariance) < 0.1 * np.linalg.norm(covariance)
+    assert np.allclose(np.cov(cooler.T), covariance / 4, rtol=0, atol=0.1 * np.abs(covariance).max())
+    prior = run.stored_prior()
+    expected = (prior["weights"][:, None] * prior["means"]).sum(0).numpy()
+    total = np.sqrt(np.diag(np.cov(mixture.T)) / len(mixture))
+    assert np.all(np.abs(mixture.mean(0) - expected) < 5 * total)
+
+
+@pytest.mark.slow
 def test_the_page_says_in_one_line_what_is_wrong(browser, site, tmp_path):
     with served(site / "web") as url:
         page = opened(browser, url, "delete window.WebAssembly")

@@ -300,6 +300,9 @@ window.decodeCodes = async (codes) => {
     return out;
   });
 };
+// n codes as the grid draws them (colour: a hair colour the run offers, or null for the stored mixture)
+window.sampledCodes = (n, seed, temperature, colour) =>
+  sampleCodes(colour ? state.hair[colour] : state.prior, n, seed, temperature).map((z) => Array.from(z));
 window.drawGrid = drawGrid;  // -> milliseconds
 window.resampleGrid = resample;
 
