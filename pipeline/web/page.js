@@ -178,13 +178,12 @@ function markChosen() {
   });
 }
 
-async function choose(index) {
+function choose(index) {
   if (state.a === null || state.b !== null) [state.a, state.b] = [index, null];
   else state.b = index;
   markChosen();
   $("strip-note").textContent = state.b === null ? "Now click a second face for B." :
     "From A (orange) to B (blue), in " + STRIP + " steps of their codes.";
-  await drawStrip();
 }
 
 function saveGrid() {  // 8 faces a row, 2 px of padding, as torchvision's save_image lays out pipeline.sample's grid
@@ -216,7 +215,7 @@ function buildControls() {
     chip.onclick = () => {
       state.colour = colour;
       Array.from(chips.children).forEach((c, i) => c.classList.toggle("on", colours[i] === colour));
-      run(resample);
+      redraw("codes");
     };
     chips.appendChild(chip);
   }
@@ -231,29 +230,48 @@ function buildControls() {
     input.oninput = () => {
       state.values[slider.name] = Number(input.value);
       value.textContent = Number(input.value).toFixed(1);
-      run(drawGrid);
+      redraw("grid");
     };
     row.append(label, input, value);
     $("sliders").appendChild(row);
   }
   if (!state.model.sliders.length) $("sliders").textContent = "This run has no named sliders.";
-  $("resample").onclick = () => { $("seed").value = Number($("seed").value) + 1; run(resample); };
-  $("seed").onchange = () => run(resample);
+  $("resample").onclick = () => { $("seed").value = Number($("seed").value) + 1; redraw("codes"); };
+  $("seed").onchange = () => redraw("codes");
   $("temperature").oninput = () => {
     $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
-    run(resample);
+    redraw("codes");
   };
   $("grid").onclick = (event) => {
     const index = Array.from($("grid").children).indexOf(event.target);
-    if (index >= 0) run(() => choose(index));
+    if (index >= 0) {
+      choose(index);
+      redraw("strip");
+    }
   };
   $("save").onclick = saveGrid;
 }
 
-let busy = Promise.resolve();
-function run(action) {  // one decode at a time, in order; a failure is one line
-  busy = busy.then(action).catch((err) => say(err instanceof FileProblem ? err.message : `The decoder failed: ${err.message}`));
-  return busy;
+// What is out of date, most first: new codes (which redraw the grid and the strip), the grid, the strip. Controls
+// only mark it; one decode runs at a time, and a slider dragged past ten values costs one redraw, not ten.
+const stale = { codes: false, grid: false, strip: false };
+let drawing = false;
+
+async function redraw(what) {
+  stale[what] = true;
+  if (drawing) return;
+  drawing = true;
+  try {
+    while (stale.codes || stale.grid || stale.strip) {
+      const job = stale.codes ? resample : stale.grid ? drawGrid : drawStrip;
+      stale.codes = stale.grid = stale.strip = false;
+      await job();
+    }
+  } catch (err) {
+    say(err instanceof FileProblem ? err.message : `The decoder failed: ${err.message}`);
+  } finally {
+    drawing = false;
+  }
 }
 
 // ---------------------------------------------------------------- start
