@@ -183,13 +183,12 @@ def fp16_error(model: VAE, prior: dict) -> int:
 
 def decoder_file(model: VAE, prior: dict, precision: str) -> tuple[bytes, str]:
     graph = onnx_bytes(model)
-    if precision == "fp32":
-        return graph, "fp32"
-    error = fp16_error(model, prior)
-    if precision == "auto" and error > 1:
-        log.info("float16 weights move pixels by up to %d/255: the web decoder keeps float32", error)
-        return graph, "fp32"
-    return stored_as_fp16(graph), "fp16"
+    if precision == "auto":
+        error = fp16_error(model, prior)
+        precision = "fp16" if error <= 1 else "fp32"
+        if precision == "fp32":
+            log.info("float16 weights move pixels by up to %d/255: the web decoder keeps float32", error)
+    return (stored_as_fp16(graph) if precision == "fp16" else graph), precision
 
 
 # ---------------------------------------------------------------- what sampling needs, compact
@@ -232,15 +231,13 @@ def sampling_files(model: VAE, prior: dict, hair: dict | None, sliders: dict, ab
     manifest = {"format": WEB_FORMAT, "latent_dim": model.latent_dim, "image_size": model.image_size,
                 "prior": stored, "hair": colours,
                 "sliders": [{"name": name, "kind": s["kind"], "direction": [float(f"{v:.7g}") for v in s["direction"]]}
-                            for name, s in sliders.items()],
-                "files": {"decoder": "decoder.onnx", "prior": "prior.bin"}, **about}
+                            for name, s in sliders.items()], **about}
     return {"model.json": (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), "prior.bin": packed.bytes()}
 
 
 def web_files(cfg, model: VAE, prior: dict, hair: dict | None, sliders: dict, about: dict) -> dict[str, bytes]:
-    """Every file of the web folder, by its path inside it."""
+    """Every file of the web folder, by its path inside it (the runtime first: a missing one fails fast)."""
+    runtime = {f"ort/{name}": data for name, data in runtime_files(cfg).items()}
     decoder, precision = decoder_file(model, prior, cfg.precision)
-    files = {**sampling_files(model, prior, hair, sliders, {**about, "precision": precision}),
-             "decoder.onnx": decoder, **{name: (PAGE_DIR / name).read_bytes() for name in PAGE_FILES},
-             **{f"ort/{name}": data for name, data in runtime_files(cfg).items()}}
-    return files
+    return {**sampling_files(model, prior, hair, sliders, {**about, "precision": precision}),
+            "decoder.onnx": decoder, **{name: (PAGE_DIR / name).read_bytes() for name in PAGE_FILES}, **runtime}
