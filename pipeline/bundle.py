@@ -268,16 +268,17 @@ def read_prior_file(folder: Path) -> tuple[dict, dict]:
     return tensors, fields
 
 
-def read_prior(folder: Path, latent_dim: int) -> dict:
-    tensors, fields = read_prior_file(folder)
+def read_prior(folder: Path, latent_dim: int, prior_file: tuple[dict, dict] | None = None) -> dict:
+    """The stored mixture, checked (`prior_file`: read_prior_file's answer, when the caller has it already)."""
+    tensors, fields = prior_file or read_prior_file(folder)
     prior = {"kind": "gmm", **{k: v for k, v in fields.items() if k != "hair"},
              **{k: tensors[k] for k in PRIOR_TENSORS}}
     return checked_mixture(prior, folder / PRIOR_FILE, latent_dim)
 
 
-def read_hair(folder: Path, latent_dim: int) -> dict | None:
+def read_hair(folder: Path, latent_dim: int, prior_file: tuple[dict, dict] | None = None) -> dict | None:
     """What sampling by hair colour needs, as pipeline/attributes.py stores it; None when exported without."""
-    tensors, fields = read_prior_file(folder)
+    tensors, fields = prior_file or read_prior_file(folder)
     if "hair" not in fields:
         return None
     hair = fields["hair"]

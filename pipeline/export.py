@@ -79,10 +79,10 @@ PATH_PLACEHOLDERS = {"paths.data_dir": "DATA_DIR", "paths.output_dir": "OUTPUT_D
 
 
 def training_command(run_dir: Path) -> str:
-    """The command line that trained the run (Hydra's record of its overrides), without local paths."""
+    """The command line that trained the run (Hydra's record of its overrides)."""
     overrides = run_dir / ".hydra" / "overrides.yaml"
     args = list(OmegaConf.load(overrides)) if overrides.is_file() else []
-    return " ".join(["python -m pipeline.train", *map(without_local_path, map(str, args))])
+    return " ".join(["python -m pipeline.train", *map(str, args)])
 
 
 def without_local_path(override: str) -> str:
@@ -95,18 +95,21 @@ def without_local_path(override: str) -> str:
 
 
 def public_training(training: dict) -> dict:
-    """An export's record of its training (exported again) with any local path still in its command replaced."""
+    """The record of a run's training with every local path in its command replaced (a run's, or an export's
+    exported again: one written before the paths were replaced)."""
     command = training.get("command")
-    if not isinstance(command, str):
-        return training
-    return {**training, "command": " ".join(map(without_local_path, command.split(" ")))}
+    return training if command is None else {**training, "command": " ".join(map(without_local_path,
+                                                                                   command.split(" ")))}
 
 
 def data_summary(run: Run) -> dict:
     """The split file names (a loader looks for them in its own data folder) and what splits.json says."""
     train_file, test_file = Path(run.config["train"]["train_file"]), Path(run.config["train"]["test_file"])
     summary = {"train_file": train_file.name, "test_file": test_file.name}
-    splits = (run.split_path("train") if run.has_split("train") else train_file).parent / "splits.json"
+    try:
+        splits = run.split_path("train").parent / "splits.json"
+    except DataError:  # another data set under paths.data_dir: the card says what the run recorded
+        splits = train_file.parent / "splits.json"
     if not run.exported and splits.is_file():
         try:
             recorded = json.loads(splits.read_text(encoding="utf-8"))
@@ -158,9 +161,9 @@ def export_config(run: Run, prior: dict, hair: dict) -> dict:
         "prior": {k: prior[k] for k in ("kind", "components", "codes", "seed") if k in prior},
         "hair": {"offered": {name: c["faces"] for name, c in hair["colours"].items()},
                  "not_offered": hair["not_offered"]} if hair else {"offered": {}, "not_offered": {}},
-        "training": public_training(source["training"]) if source.get("training") else {
+        "training": public_training(source.get("training") or {
             "command": training_command(run.ckpt_path.parent), "preset": run.config.get("preset_name"),
-            "batch_size": run.config["train"].get("batch_size"), "run": run.ckpt_path.parent.name},
+            "batch_size": run.config["train"].get("batch_size"), "run": run.ckpt_path.parent.name}),
         "data": data_summary(run), "metrics": evaluated(run), "project": f"animeface-vae {project_version()}",
     }
 

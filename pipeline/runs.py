@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from pipeline.adversarial import with_decoder
 from pipeline.attributes import (colour_sliders, conditioned, hair_for_run, load_hair, load_sliders, save_hair,
                                  save_sliders, slider_value)
-from pipeline.bundle import CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_hair, read_prior
+from pipeline.bundle import (CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_hair, read_prior,
+                             read_prior_file)
 from pipeline.errors import DataError, PipelineError, RunNotFound
 from pipeline.io import atomic_write
 from pipeline.model import VAE, decode_means, encode_means
@@ -176,7 +177,7 @@ class Run:
         self.obs_std = float(self.ckpt["obs_std"])
         self.likelihood = self.ckpt["likelihood"]
         self.config = self.ckpt["config"]
-        self._hair, self._stored_prior, self._unchecked = None, None, set()
+        self._hair, self._stored_prior, self._prior_file, self._unchecked = None, None, None, set()
 
     def split(self, name: str) -> np.ndarray:
         return load_split(self.split_path(name), name)
@@ -249,8 +250,15 @@ class Run:
         if self._stored_prior is None:
             folder = self.ckpt_path.parent
             latent_dim = self.model.latent_dim
-            self._stored_prior = read_prior(folder, latent_dim) if self.exported else load_prior(folder, latent_dim)
+            self._stored_prior = (read_prior(folder, latent_dim, self.export_prior_file()) if self.exported
+                                  else load_prior(folder, latent_dim))
         return self._stored_prior
+
+    def export_prior_file(self) -> tuple[dict, dict]:
+        """An export's prior.safetensors (the mixture and the hair colours), read once."""
+        if self._prior_file is None:
+            self._prior_file = read_prior_file(self.ckpt_path.parent)
+        return self._prior_file
 
     @property
     def cascade_copy(self) -> Path | None:
@@ -265,7 +273,8 @@ class Run:
             return self._hair
         folder = self.ckpt_path.parent
         latent_dim = self.model.latent_dim
-        stored = read_hair(folder, latent_dim) if self.exported else load_hair(folder, latent_dim)
+        stored = (read_hair(folder, latent_dim, self.export_prior_file()) if self.exported
+                  else load_hair(folder, latent_dim))
         if stored is not None and (stored["step"] == self.encoder_step or not self.has_split("train")):
             self._hair = stored
             return stored

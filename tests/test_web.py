@@ -250,7 +250,8 @@ def test_the_page_says_in_one_line_what_is_wrong(browser, site, tmp_path):
     page.close()
     for missing, words in (("decoder.onnx", "decoder.onnx could not be loaded (404"),
                            ("ort/ort.wasm.min.js", "ort/ort.wasm.min.js could not be loaded"),
-                           ("prior.bin", "prior.bin could not be loaded (404")):
+                           ("prior.bin", "prior.bin could not be loaded (404"),
+                           ("ort/ort-wasm-simd-threaded.wasm", "ort/ort-wasm-simd-threaded.wasm could not be loaded (404")):
         copy = shutil.copytree(site / "web", tmp_path / missing.replace("/", "-"))
         (copy / missing).unlink()
         with served(copy) as url:

@@ -11,10 +11,10 @@ function say(text) { $("message").textContent = text; }
 
 class FileProblem extends Error {}
 
-async function fetchFile(name, kind) {
+async function fetchFile(name, kind) {  // kind: "json", "bytes", or "head" (there or not, without its body)
   let response;
   try {
-    response = await fetch(name);
+    response = await fetch(name, kind === "head" ? { method: "HEAD" } : {});
   } catch (err) {
     throw new FileProblem(`${name} could not be loaded (${err.message}): is the server still running?`);
   }
@@ -22,6 +22,7 @@ async function fetchFile(name, kind) {
     throw new FileProblem(`${name} could not be loaded (${response.status} ${response.statusText}): the folder is ` +
                           "incomplete; publish the whole web folder that `python -m pipeline.export` wrote");
   }
+  if (kind === "head") return null;
   return kind === "json" ? response.json().catch(() => { throw new FileProblem(`${name} is damaged (not JSON): export the model again`); })
                          : response.arrayBuffer();
 }
@@ -285,8 +286,8 @@ async function start() {
   // threads need a cross-origin-isolated page (COOP/COEP headers); plain static hosts get one thread
   ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
   const [model, priorBuffer, decoder] = await Promise.all([
-    fetchFile("model.json", "json"), fetchFile("prior.bin"), fetchFile("decoder.onnx"),
-    fetchFile("ort/ort-wasm-simd-threaded.wasm").then(() => null)]);
+    fetchFile("model.json", "json"), fetchFile("prior.bin", "bytes"), fetchFile("decoder.onnx", "bytes"),
+    fetchFile("ort/ort-wasm-simd-threaded.wasm", "head")]);  // ONNX Runtime fetches it itself; named if missing
   if (model.format !== "animeface-vae-web/1") {
     throw new FileProblem(`model.json is not an animeface-vae web model (format ${model.format}): export the model again`);
   }
@@ -322,7 +323,6 @@ window.decodeCodes = async (codes) => {
 window.sampledCodes = (n, seed, temperature, colour) =>
   sampleCodes(colour ? state.hair[colour] : state.prior, n, seed, temperature).map((z) => Array.from(z));
 window.drawGrid = drawGrid;  // -> milliseconds
-window.resampleGrid = resample;
 
 if (!window.pageStopped) {
   start().catch((err) => {
