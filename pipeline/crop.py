@@ -27,7 +27,7 @@ from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.faces import DetectorConfig, face_tiles, load_cascade, resolve_cascade
 from pipeline.images import find_images, load_image
-from pipeline.io import JsonlLog, atomic_write, read_jsonl, remove_partial_files
+from pipeline.io import JsonlLog, after_write_error, atomic_write, read_jsonl, remove_partial_files, writing
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,30 @@ def mapper(workers: int, cascade_path: Path):
         _worker["cascade"] = load_cascade(cascade_path)
         yield map
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                             initializer=_init_worker, initargs=(str(cascade_path),)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=_init_worker, initargs=(str(cascade_path),))
+    try:
         yield partial(pool.map, chunksize=CHUNK)
+    finally:  # after a failure (a full disk), the images not started are not cropped in vain
+        pool.shutdown(cancel_futures=True)
 
 
 def crop(cfg: DictConfig) -> dict:
-    cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True))  # cheap to send to workers
+    with after_write_error("every face tile and manifest row written before is kept (a picture counts as done only "
+                           "once all its tiles are written); once that is fixed, run the same command again: it "
+                           "crops only the pictures not done"):
+        return crop_folder(SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True)))  # cheap to send to workers
+
+
+def crop_folder(cfg: SimpleNamespace) -> dict:
     input_dir, output_dir = Path(cfg.input_dir), Path(cfg.output_dir)
     if not input_dir.is_dir():
         raise CropError(f"crop.input_dir={input_dir} is not a folder; run `make data` (scrape) first "
                         "or point crop.input_dir at a folder of images")
     cascade_path = resolve_cascade(cfg)
     load_cascade(cascade_path)  # fail here, once, rather than in every worker
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with writing(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
     if removed := remove_partial_files(output_dir):
         log.info("removed %d partial tiles left by a killed run in %s", removed, output_dir)
     done = {(r["source"], r["bytes"]) for r in read_jsonl(output_dir / "sources.jsonl")}

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.config import Paths, checked, key
 from pipeline.errors import ConfigError, DataError, PipelineError, exit_on_error
 from pipeline.images import find_images, load_rgb, to_float, to_uint8
-from pipeline.io import atomic_write, atomic_write_bytes
+from pipeline.io import after_write_error, atomic_write, atomic_write_bytes, optional_write
 from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, sharpness
 from pipeline.model import evaluate_elbo
 from pipeline.prior import sample_latents
@@ -84,7 +84,7 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
         return torch.load(path, weights_only=True)
     with tqdm(total=len(images_uint8), desc="inception (real)", unit="img") as progress:
         feats = features(extractor, images_uint8, batch_size, progress)
-    atomic_write(path, lambda f: torch.save(feats, f))
+    optional_write(lambda: atomic_write(path, lambda f: torch.save(feats, f)), "the real faces' Inception features")
     return feats
 
 
@@ -192,7 +192,8 @@ def score_samples(cfg, run, decoder: str, prior, prior_name: str, n: int, extrac
     k = min(cfg.sheet_n, len(samples))
     pairs = torch.stack([torch.as_tensor(samples[:k]), torch.as_tensor(train[index[:k]])], 1).flatten(0, 1)
     suffix = "_sharp" if decoder == "sharp" else ""
-    save_image(to_float(pairs), run.ckpt_path.parent / f"nearest_{prior_name}{suffix}.png", nrow=8)
+    atomic_write(run.ckpt_path.parent / f"nearest_{prior_name}{suffix}.png",
+                 lambda f: save_image(to_float(pairs), f, format="png", nrow=8))
     return scores
 
 
@@ -226,7 +227,8 @@ def main(cfg: DictConfig) -> None:
     cfg = checked(cfg, EvaluateJob)
     if cfg.report:
         print(report(cfg))
-    else:
+        return
+    with after_write_error("the run's metrics.json is as it was; once that is fixed, run the same command again"):
         evaluate(cfg)
 
 

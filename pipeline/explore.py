@@ -33,12 +33,12 @@ from starlette.routing import Route
 
 from pipeline.attributes import SLIDER_RANGE, SLIDERS_NAME, make_slider, slider_value
 from pipeline.config import Paths, checked, key
-from pipeline.errors import PipelineError, exit_on_error
+from pipeline.errors import PipelineError, WriteError, exit_on_error
 from pipeline.faces import (CascadeError, DetectorConfig, face_tiles, load_cascade, only_detector_keys,
                             resolve_cascade)
 from pipeline.hair import PALETTE
 from pipeline.images import load_image, on_white, to_uint8
-from pipeline.io import atomic_write
+from pipeline.io import after_write_error, atomic_write, optional_write
 from pipeline.prior import sample_latents
 from pipeline.runs import Run, find_checkpoint, list_runs, pick_device
 
@@ -118,11 +118,8 @@ def principal_directions(run: Run, prior: dict | None) -> dict:
     _, singular, vh = torch.linalg.svd(codes - mean, full_matrices=False)
     directions = {"mean": mean, "directions": vh, "std": singular / math.sqrt(max(len(codes) - 1, 1)),
                   "variance": (singular ** 2 / (singular ** 2).sum()), "source": source, "step": run.ckpt["step"]}
-    try:
-        atomic_write(path, lambda f: torch.save(directions, f))
-    except OSError as err:  # a read-only folder (an export as it was handed over) is explored all the same
-        log.warning("could not store the principal directions in %s (%s): computed again next start", path,
-                    err.strerror)
+    # a read-only folder (an export as it was handed over) or a full disk: explored all the same
+    optional_write(lambda: atomic_write(path, lambda f: torch.save(directions, f)), "the principal directions")
     return directions
 
 
@@ -212,7 +209,9 @@ class LoadedRun:
         with self.lock:
             sliders, _ = self.run.sliders()
             slider = make_slider(name, has, lacks, taken={*sliders, *PALETTE})
-            self.run.add_slider(slider)
+            with after_write_error(f"the slider {name!r} was not saved (the run's other sliders are as they were) "
+                                   "and the explorer goes on; once that is fixed, make it again"):
+                self.run.add_slider(slider)
         log.info("slider %r made from %d + %d faces, saved in %s", name, len(has), len(lacks),
                  self.run.ckpt_path.parent / SLIDERS_NAME)
         return self.slider_list()
@@ -383,6 +382,9 @@ def endpoint(handler):
             return JSONResponse(await handler(request.app.state.explorer, request))
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
+        except WriteError as err:  # 507 Insufficient Storage: the server's disk, not the request
+            log.warning("%s", err)
+            return JSONResponse({"error": str(err)}, status_code=507)
         except PipelineError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         except Exception as err:

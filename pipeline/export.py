@@ -29,6 +29,7 @@ from pipeline.bundle import (CARD_FILE, CASCADE_FILE, CONFIG_FILE, GRID_FILE, MO
 from pipeline.config import Paths, checked, key
 from pipeline.errors import DataError, PipelineError, exit_on_error
 from pipeline.faces import DetectorConfig, load_cascade, only_detector_keys, resolve_cascade
+from pipeline.io import after_write_error, check_destination, writing
 from pipeline.model import bits_per_dim, model_settings
 from pipeline.prior import sample_latents
 from pipeline.runs import Run, open_run
@@ -57,8 +58,7 @@ class ExportJob:
 def destination(cfg, run: Run) -> Path:
     """out=, or outputs/export/<run folder>; an existing non-empty folder only with overwrite=true."""
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.output_dir) / "export" / run.ckpt_path.parent.name
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"out={out} is a file: choose a folder name for the export")
+    check_destination("out", out, folder=True)
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise PipelineError(f"out={out} exists and is not empty: choose another out=, or add overwrite=true to "
                             "replace it")
@@ -216,27 +216,31 @@ def export_files(cfg, run: Run) -> dict[str, bytes]:
 
 
 def write_folder(out: Path, files: dict[str, bytes]) -> None:
-    """All files into a temp folder beside `out`, then one rename (the old folder goes only after)."""
-    try:
+    """All files into a temp folder beside `out`, then one rename (the old folder goes only after): a failed write
+    leaves `out` as it was and no temp folder behind."""
+    for stale in [*out.parent.glob(f".{out.name}.*.part"), out.with_name(f".{out.name}.old")]:  # a killed export's
+        shutil.rmtree(stale, ignore_errors=True)
+    with writing(out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would keep the folder from whoever it is handed to
-    except OSError as err:
-        raise PipelineError(f"cannot write the export into {out.parent} ({err.strerror}): choose out= a "
-                            "folder you can write") from None
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep the folder from whoever it is handed to
         for name, data in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old:
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old)
-    except OSError as err:
-        raise PipelineError(f"cannot write the export to {out} ({err.strerror}); nothing was left there: free "
-                            "space or choose another out=") from None
+            with writing(out / name):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
+        with writing(out):
+            old = out.with_name(f".{out.name}.old") if out.exists() else None
+            if old:
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if old:
+                    os.replace(old, out)
+                raise
+            if old:
+                shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -325,7 +329,10 @@ def usage_lines(has_cascade: bool, has_web: bool) -> list[str]:
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    print(export(checked(only_detector_keys(cfg), ExportJob)))
+    with after_write_error("out= is as it was (the export is written beside it and renamed into place whole) and no "
+                           "partial folder is left; once that is fixed, run the same command again (with "
+                           "overwrite=true if out= existed)"):
+        print(export(checked(only_detector_keys(cfg), ExportJob)))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Pictures in and out: finding and decoding image files, and the one uint8 <-> [0, 1] float pair."""
+"""Pictures in and out: finding and decoding image files, the formats a picture can be saved as, and the one
+uint8 <-> [0, 1] float pair."""
+import functools
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pipeline.errors import ConfigError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 
@@ -28,6 +33,27 @@ def load_image(path, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
                 rgba = np.asarray(img.convert("RGBA"))
                 return np.ascontiguousarray(rgba[..., :3]), rgba[..., 3]
             return np.asarray(img.convert("RGB")), None
+
+
+@functools.cache
+def picture_suffixes() -> tuple[str, ...]:
+    """The file extensions PIL writes an RGB picture as (each tried on a 2 x 2 picture in memory)."""
+    Image.init()
+    writable = []
+    for suffix, fmt in sorted(Image.registered_extensions().items()):
+        try:
+            Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
+            writable.append(suffix)
+        except Exception:  # no writer, no plugin installed, or not for RGB
+            continue
+    return tuple(writable)
+
+
+def check_picture_name(key: str, path: Path) -> None:
+    """A picture's file name that PIL can write (checked before the work that makes the picture)."""
+    if path.suffix.lower() not in picture_suffixes():
+        raise ConfigError(f"{key}={path}: {path.suffix or 'no extension'} is not a picture format this can write; "
+                         f"end it in .png (lossless), or one of {' '.join(picture_suffixes())}")
 
 
 def on_white(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:

@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.images import find_images, load_rgb
-from pipeline.io import atomic_write, atomic_write_bytes
+from pipeline.io import after_write_error, atomic_write_all
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def is_test_group(key: str, test_fraction: float) -> bool:
     return int(key[:12], 16) / 16 ** 12 < test_fraction
 
 
-def save_array(path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
+def array_writer(array: np.ndarray):
+    return lambda f: np.save(f, array)
 
 
 def unique_tiles(kept: list[tuple[Path, np.ndarray]], faces_dir: Path) -> tuple[np.ndarray, list, list]:
@@ -152,8 +152,6 @@ def pack(cfg: DictConfig) -> dict:
     keep, train_idx, test_idx = split(groups, digests, cfg)
     check_split_sizes(len(tiles), len(np.unique(groups)), len(train_idx), len(test_idx), cfg.test_fraction)
 
-    save_array(cfg.train_file, tiles[train_idx])
-    save_array(cfg.test_file, tiles[test_idx])
     summary = {
         "faces_dir": str(faces_dir), "files": len(files), "unreadable": unreadable,
         "exact_duplicates": len(kept) - len(tiles), "unique": len(tiles),
@@ -161,8 +159,11 @@ def pack(cfg: DictConfig) -> dict:
         "near_duplicates_dropped": int((~keep).sum()), "train": len(train_idx), "test": len(test_idx),
         "train_files": [names[i] for i in train_idx], "test_files": [names[i] for i in test_idx],
     }
-    splits_path = Path(cfg.train_file).parent / "splits.json"
-    atomic_write_bytes(splits_path, json.dumps(summary, ensure_ascii=False).encode())
+    splits = json.dumps(summary, ensure_ascii=False).encode()
+    with after_write_error("train.npy, test.npy and splits.json are as they were (the three are replaced together "
+                           "or not at all); once that is fixed, run the same command again"):
+        atomic_write_all({cfg.train_file: array_writer(tiles[train_idx]), cfg.test_file: array_writer(tiles[test_idx]),
+                          Path(cfg.train_file).parent / "splits.json": lambda f: f.write(splits)})
     log.info("pack done: %d files, %d unreadable, %d exact duplicates removed, %d unique "
              "(%d near-duplicate groups, %d dropped) -> train %d %s, test %d %s",
              len(files), unreadable, summary["exact_duplicates"], len(tiles),

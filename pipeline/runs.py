@@ -13,7 +13,7 @@ from pipeline.attributes import (colour_sliders, conditioned, hair_for_run, load
 from pipeline.bundle import (CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_hair, read_prior,
                              read_prior_file)
 from pipeline.errors import DataError, PipelineError, RunNotFound
-from pipeline.io import atomic_write
+from pipeline.io import atomic_write, optional_write
 from pipeline.model import VAE, decode_means, encode_means
 from pipeline.prior import PRIOR_NAME, answers, checked_mixture, fit_gmm_prior, load_prior, save_prior
 from pipeline.stored import require_finite
@@ -240,7 +240,8 @@ class Run:
                             "with prior=normal")
         if name == "default":
             prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
-            log.info("stored the fitted prior as %s", save_prior(self.ckpt_path.parent, prior))
+            if optional_write(lambda: save_prior(self.ckpt_path.parent, prior), "the fitted prior"):
+                log.info("stored the fitted prior in %s", self.ckpt_path.parent)
             self._stored_prior = prior
             return prior, prior["kind"]
         return self.cached_gmm(components, seed), "gmm"
@@ -283,7 +284,8 @@ class Run:
                             f"split to compute it from ({self.config['train']['train_file']}): restore that file")
         train = self.split("train")
         self._hair = hair_for_run(self.encode(train), train, self.encoder_step)
-        log.info("stored the hair colours as %s", save_hair(folder, self._hair))
+        if optional_write(lambda: save_hair(folder, self._hair), "the hair colours"):
+            log.info("stored the hair colours in %s", folder)
         return self._hair
 
     def hair_prior(self, colour: str) -> dict:
@@ -319,7 +321,8 @@ class Run:
         if cache.exists():
             return checked_mixture(torch.load(cache, weights_only=True), cache, self.model.latent_dim)
         prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
-        atomic_write(cache, lambda f: torch.save(prior, f))
+        optional_write(lambda: atomic_write(cache, lambda f: torch.save(prior, f)),
+                       f"the {components}-component mixture")
         return prior
 
     def decode(self, z: torch.Tensor, noise: bool = False, generator=None, model: VAE | None = None) -> torch.Tensor:

@@ -24,7 +24,8 @@ from torchvision.utils import make_grid, save_image
 
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.images import to_uint8
+from pipeline.images import check_picture_name, to_uint8
+from pipeline.io import after_write_error, atomic_write, check_destination, is_folder
 from pipeline.model import recon_grid
 from pipeline.prior import Draw, sample_latents
 from pipeline.runs import DECODERS, Run, list_runs, open_run, pick_device
@@ -102,11 +103,35 @@ def test_faces(run: Run, needed: int, what: str) -> np.ndarray:
 
 
 def output_path(cfg, default: Path) -> Path:
-    """out= a PNG path, or a folder to write the default name into."""
+    """out= a picture's path, or a folder to write the default name into."""
     if not cfg.out:
         return default
-    out = Path(cfg.out)
-    return out / default.name if out.is_dir() or str(cfg.out).endswith(("/", "\\")) else out
+    return Path(cfg.out) / default.name if names_a_folder(cfg.out) else Path(cfg.out)
+
+
+def names_a_folder(out: str) -> bool:
+    return is_folder(out) or out.endswith(("/", "\\"))
+
+
+def check_out(cfg) -> None:
+    """out= before any work: a folder that is or can be made, or a picture name PIL can write where it can be
+    written."""
+    if not cfg.out:
+        return
+    if names_a_folder(cfg.out):
+        check_destination("out", Path(cfg.out), folder=True)
+        return
+    check_picture_name("out", Path(cfg.out))
+    check_destination("out", Path(cfg.out))
+
+
+def save_picture(picture: Image.Image | torch.Tensor, out: Path, nrow: int) -> None:
+    """The grid (or a labelled sheet) written whole or not at all, in the format out='s extension names."""
+    fmt = Image.registered_extensions()[out.suffix.lower()]
+    if isinstance(picture, Image.Image):
+        atomic_write(out, lambda f: picture.save(f, format=fmt))
+    else:
+        atomic_write(out, lambda f: save_image(picture, f, format=fmt, nrow=nrow))
 
 
 def labelled(grid: torch.Tensor, labels: list[str], row_height: int) -> Image.Image:
@@ -147,17 +172,16 @@ SHEETS = {"samples": samples_sheet, "recon": recon_sheet, "interp": interp_sheet
 
 
 def sample(cfg: DictConfig) -> Path:
+    check_out(cfg)
     if cfg.sheet == "obs_std":
         picture, out = obs_std_sheet(cfg, pick_device(str(cfg.device), 0))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(out)
+        save_picture(picture, out, cfg.nrow)
         return out
     run = open_run(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     images, name = SHEETS[cfg.sheet](run, cfg, generator)
     out = output_path(cfg, run.ckpt_path.parent / f"{name}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=cfg.nrow)
+    save_picture(images, out, cfg.nrow)
     log.info("%s from %s (obs_std=%g, step %d), %s decoder%s", cfg.sheet, run.ckpt_path, run.obs_std,
              run.ckpt["step"], run.decoder_name, "" if run.sharp_model is None or run.decoder_name == "sharp"
              else " (decoder=elbo; the run also has a sharp one)")
@@ -167,7 +191,9 @@ def sample(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 @exit_on_error
 def main(cfg: DictConfig) -> None:
-    print(sample(checked(cfg, SampleJob)))
+    with after_write_error("no picture was written and nothing else changed; once that is fixed (or with another "
+                           "out=), run the same command again"):
+        print(sample(checked(cfg, SampleJob)))
 
 
 if __name__ == "__main__":

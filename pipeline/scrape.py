@@ -26,7 +26,7 @@ from urllib3.util.retry import Retry
 
 from pipeline.config import Paths, checked, key
 from pipeline.errors import PipelineError, exit_on_error
-from pipeline.io import JsonlLog, atomic_write_bytes, read_jsonl, remove_partial_files
+from pipeline.io import JsonlLog, after_write_error, atomic_write_bytes, read_jsonl, remove_partial_files
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,9 @@ class Scraper:
 
 
 def scrape(cfg: DictConfig) -> Counter:
-    return Scraper(cfg).run()
+    with after_write_error("every page and image saved before is kept and listed in index.jsonl; once that is "
+                           "fixed, run the same command again: it fetches only what is missing"):
+        return Scraper(cfg).run()
 
 
 @hydra.main(config_path="../conf", config_name="scrape", version_base="1.3")

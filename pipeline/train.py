@@ -43,9 +43,9 @@ from pipeline.adversarial import SHARP_FIELDS, Phases, SharpConfig, SharpPhase, 
 from pipeline.attributes import hair_for_run, load_hair, save_hair
 from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
-from pipeline.errors import PipelineError, exit_on_error, hydra_output_dir, remove_if_no_results
+from pipeline.errors import PipelineError, WriteError, exit_on_error, hydra_output_dir, remove_if_no_results
 from pipeline.images import to_float
-from pipeline.io import atomic_write
+from pipeline.io import AppendOnly, atomic_write, atomic_write_bytes, writing
 from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, encode_means, evaluate_elbo,
                             negative_elbo, recon_grid)
 from pipeline.prior import fit_gmm_prior, load_prior, save_prior
@@ -278,57 +278,81 @@ def wrap(cfg, parts: Parts, proc: Proc) -> None:
 # ---------------------------------------------------------------- phase 5: rank-0 outputs
 
 class RunOutputs:
-    """The run folder: config.yaml, metrics.csv, TensorBoard events, per-epoch grids and ckpt.pt."""
+    """The run folder: config.yaml, metrics.csv, TensorBoard events, per-epoch grids and ckpt.pt. Every write goes
+    through pipeline/io.py, so one that fails (a full disk) is a WriteError naming its file; train_loop then stops
+    the run (see stopped_writing)."""
 
     def __init__(self, cfg, run_dir: Path, resumed_step: int | None):
         self.cfg, self.run_dir = cfg, run_dir
         self.ckpt_path = run_dir / CKPT_NAME
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.saved_step = resumed_step  # the step of the checkpoint on disk
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(f".{CKPT_NAME}.*.part"):  # left by a save that was killed
             stale.unlink()
         if resumed_step is None:
             claim_run_dir(run_dir)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step)
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        with writing(run_dir / "tb"):
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step)
         if resumed_step is not None:
             drop_rows_after(run_dir / "metrics.csv", resumed_step)
         new_file = not (run_dir / "metrics.csv").exists()
-        self.metrics_file = open(run_dir / "metrics.csv", "a", newline="")
-        self.metrics = csv.DictWriter(self.metrics_file, METRIC_FIELDS)
+        self.metrics = AppendOnly(run_dir / "metrics.csv")
         if new_file:
-            self.metrics.writeheader()
+            self.metrics.add(csv_lines([dict(zip(METRIC_FIELDS, METRIC_FIELDS))]))
 
     def write_row(self, row: dict) -> None:
-        self.metrics.writerow(row)
-        self.metrics_file.flush()
-        for name, value in row.items():
-            if name != "step":
-                self.writer.add_scalar(name, value, row["step"])
+        self.metrics.add(csv_lines([row]))
+        with writing(self.run_dir / "tb"):
+            for name, value in row.items():
+                if name != "step":
+                    self.writer.add_scalar(name, value, row["step"])
 
     def save_grids(self, model: VAE, test: torch.Tensor, epoch: int, prefix: str = "") -> None:
         """Decoder means of fixed N(0, I) draws, and test faces above their reconstructions."""
         n = self.cfg.train.grid_n
         generator = torch.Generator(device=test.device).manual_seed(0)
         z = torch.randn(n, model.latent_dim, generator=generator, device=test.device)
-        save_image(decode_means(model, z), self.run_dir / f"{prefix}samples_epoch{epoch:03d}.png", nrow=8)
-        save_image(recon_grid(model, test[: n // 2], 8), self.run_dir / f"{prefix}recon_epoch{epoch:03d}.png",
-                   nrow=8)
+        save_png(decode_means(model, z), self.run_dir / f"{prefix}samples_epoch{epoch:03d}.png")
+        save_png(recon_grid(model, test[: n // 2], 8), self.run_dir / f"{prefix}recon_epoch{epoch:03d}.png")
 
     def save_checkpoint(self, state: dict) -> None:
         atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
+        self.saved_step = state["step"]
 
-    def close(self) -> None:
-        self.writer.close()
-        self.metrics_file.close()
+    def close(self, failing: bool = False) -> None:
+        """Flush the TensorBoard events and close the files; when the run is already `failing`, a second failed
+        write here is not reported over the first."""
+        try:
+            with writing(self.run_dir / "tb"):
+                self.writer.close()
+        except WriteError:
+            if not failing:
+                raise
+        finally:
+            self.metrics.close()
+
+
+def save_png(images: torch.Tensor, path: Path) -> None:
+    atomic_write(path, lambda f: save_image(images, f, format="png", nrow=8))
+
+
+def csv_lines(rows: list[dict]) -> str:
+    text = io.StringIO()
+    csv.DictWriter(text, METRIC_FIELDS, lineterminator="\n").writerows(rows)
+    return text.getvalue()
 
 
 def claim_run_dir(run_dir: Path) -> None:
     """A new run takes its folder exclusively (config.yaml created with O_EXCL)."""
-    try:
-        open(run_dir / "config.yaml", "x").close()
-    except FileExistsError:
-        raise TrainError(f"{run_dir} already holds a run (its config.yaml exists): each training needs its own "
-                         "folder; leave hydra.run.dir at its default, or resume=<that folder> to continue it") from None
+    with writing(run_dir / "config.yaml"):
+        try:
+            open(run_dir / "config.yaml", "x").close()
+        except FileExistsError:
+            raise TrainError(f"{run_dir} already holds a run (its config.yaml exists): each training needs its own "
+                             "folder; leave hydra.run.dir at its default, or resume=<that folder> to continue it") \
+                from None
 
 
 def drop_rows_after(metrics_csv: Path, step: int) -> None:
@@ -338,11 +362,8 @@ def drop_rows_after(metrics_csv: Path, step: int) -> None:
         lines = metrics_csv.read_text().splitlines(keepends=True)
         kept = [line for line in lines[1:] if line.endswith("\n") and
                 line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(csv.DictReader(lines[:1] + kept))
-        atomic_write(metrics_csv, lambda f: f.write(text.getvalue().encode()))
+        text = csv_lines([dict(zip(METRIC_FIELDS, METRIC_FIELDS)), *csv.DictReader(lines[:1] + kept)])
+        atomic_write_bytes(metrics_csv, text.encode())
 
 
 def open_outputs(cfg, proc: Proc, resume_path: Path | None, run_dir: Path | None,
@@ -475,15 +496,27 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
                test_data: torch.Tensor, outputs: RunOutputs | None, phases: Phases) -> int:
     """Train the VAE and the sharp decoder at the steps `phases` gives each; returns 0, or the signal that
     stopped it (after a checkpoint)."""
+    stop, meter = Stop(), Meter(proc, progress.step)
+    bar = tqdm(total=phases.total, initial=progress.step, desc="train", unit="step", disable=not proc.main)
+    parts.net.train()
+    try:
+        signum = run_steps(cfg, proc, parts, progress, train_data, test_data, outputs, phases, stop, meter, bar)
+    except WriteError as err:
+        faces = (len(train_data), len(test_data))
+        raise stopped_writing(err, cfg, proc, parts, progress, outputs, phases, faces, stop.signum) from None
+    finally:
+        bar.close()
+    return signum
+
+
+def run_steps(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: torch.Tensor, test_data: torch.Tensor,
+              outputs: RunOutputs | None, phases: Phases, stop: "Stop", meter: "Meter", bar: tqdm) -> int:
     steps_per_epoch = len(train_data) // proc.world // cfg.train.batch_size
     images_per_step = cfg.train.batch_size * proc.world
     ckpt_path = outputs.ckpt_path if outputs else Path(os.devnull)
     autocast = torch.autocast(proc.device.type if proc.bf16 else "cpu", dtype=torch.bfloat16, enabled=proc.bf16)
-    stop, meter, last_good_step = Stop(), Meter(proc, progress.step), progress.step
-    order, order_epoch, signum = None, -1, 0
+    last_good_step, order, order_epoch, signum = progress.step, None, -1, 0
     idle_vae, idle_sharp = torch.zeros(3, device=proc.device), torch.zeros(len(SHARP_FIELDS), device=proc.device)
-    bar = tqdm(total=phases.total, initial=progress.step, desc="train", unit="step", disable=not proc.main)
-    parts.net.train()
     while progress.step < phases.total:
         # the batch: this rank's shard of the epoch's permutation
         epoch, batch_no = divmod(progress.step, steps_per_epoch)
@@ -514,15 +547,46 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
         signum = stop.agreed(proc)
         if step % cfg.train.ckpt_every == 0 or last or signum:
             meter.check_finite(ckpt_path, last_good_step)
-            rngs = rng_states(proc, parts.sharp)  # a collective: every rank takes part
-            if outputs:
-                outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch,
-                                                         phases.vae_steps, (len(train_data), len(test_data))))
+            save_checkpoint(cfg, proc, parts, progress, outputs, phases, (len(train_data), len(test_data)))
             last_good_step = step
         if signum:
             break
-    bar.close()
     return signum
+
+
+def save_checkpoint(cfg, proc: Proc, parts: Parts, progress: Progress, outputs: RunOutputs | None, phases: Phases,
+                    faces: tuple[int, int]) -> None:
+    rngs = rng_states(proc, parts.sharp)  # a collective: every rank takes part
+    if outputs:
+        steps_per_epoch = faces[0] // proc.world // cfg.train.batch_size
+        outputs.save_checkpoint(checkpoint_state(cfg, parts, progress, rngs, steps_per_epoch, phases.vae_steps,
+                                                 faces))
+
+
+def stopped_writing(err: WriteError, cfg, proc: Proc, parts: Parts, progress: Progress, outputs: RunOutputs | None,
+                    phases: Phases, faces: tuple[int, int], signum: int) -> WriteError:
+    """A write that failed stops the run, whatever the file (a disk that refuses a grid or a metrics row would
+    refuse the next checkpoint too, and every step until then would be lost): with one process, a checkpoint is
+    saved first when the failed file was not the checkpoint and the disk still takes it. The error says what was
+    kept and the command that resumes."""
+    if outputs is None:  # another rank: rank 0 reports it
+        return err
+    step, ckpt = progress.step, outputs.ckpt_path
+    stopped = f"the run stopped at step {step}" + (f" (signal {signum})" if signum else "")
+    resume = f"resume with: python -m pipeline.train resume={outputs.run_dir}"
+    if Path(err.path) != ckpt and proc.world == 1:
+        try:
+            save_checkpoint(cfg, proc, parts, progress, outputs, phases, faces)
+            return err.going_on(f"{stopped} and saved its checkpoint {ckpt} there first (nothing is lost); once "
+                                f"that is fixed, {resume}")
+        except WriteError:
+            stopped += " and could not save its checkpoint there either"
+    saved = outputs.saved_step
+    if saved is None:
+        return err.going_on(f"{stopped} before its first checkpoint was written ({steps(step)} lost); once that is "
+                            "fixed, start the training again")
+    return err.going_on(f"{stopped}; its last checkpoint {ckpt} (step {saved}) is intact and {steps(step - saved)} "
+                        f"since were lost; once that is fixed, {resume}")
 
 
 # ---------------------------------------------------------------- all phases
@@ -551,10 +615,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     try:
         signum = train_loop(cfg, proc, parts, progress, train_data, test_data, outputs, phases)
         if outputs:
-            store_prior(cfg, parts.sampler, train_np, min(progress.step, vae_steps), outputs.run_dir)
-    finally:
+            store_prior_or_explain(cfg, parts.sampler, train_np, min(progress.step, vae_steps), outputs, progress)
+    except BaseException:
         if outputs:
-            outputs.close()
+            outputs.close(failing=True)
+        raise
+    if outputs:
+        outputs.close()
     if signum:
         if outputs:
             log.warning("stopped by signal %d at step %d; checkpoint %s; resume with: "
@@ -569,6 +636,20 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                  progress.step, summary["epochs"], summary["img_per_s"], progress.best_test_elbo,
                  bits_per_dim(-progress.best_test_elbo, train_np[0].size), outputs.ckpt_path)
     return summary
+
+
+def steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
+
+
+def store_prior_or_explain(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, outputs: RunOutputs,
+                           progress: Progress) -> None:
+    try:
+        store_prior(cfg, model, train_np, encoder_step, outputs.run_dir)
+    except WriteError as err:
+        raise err.going_on(f"the run's checkpoint {outputs.ckpt_path} (step {progress.step}) is saved, but not what "
+                           "sampling needs beside it; once that is fixed, python -m pipeline.train "
+                           f"resume={outputs.run_dir} stores it (no step is trained again)") from None
 
 
 def store_prior(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, run_dir: Path) -> None:
@@ -636,9 +717,13 @@ def keep_log_in_run(run_dir: Path) -> None:
         return
     for handler in logging.getLogger().handlers:
         handler.flush()
-    with open(run_dir / "train.log", "a") as kept:
-        for log_file in hydra_dir.glob("*.log"):
-            kept.write(log_file.read_text())
+    try:
+        with AppendOnly(run_dir / "train.log") as kept:
+            for log_file in hydra_dir.glob("*.log"):
+                kept.add(log_file.read_text())
+    except WriteError as err:  # the log stays in Hydra's folder then
+        log.warning("%s: this command's log is left in %s", err, hydra_dir)
+        return
     remove_if_no_results(hydra_dir)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from pipeline.config import key
 from pipeline.errors import PipelineError
 from pipeline.images import to_uint8
-from pipeline.io import atomic_write_bytes
+from pipeline.io import atomic_write_bytes, optional_write
 from pipeline.model import VAE, decode_means
 from pipeline.prior import sample_latents
 
@@ -94,7 +94,7 @@ def cached_tarball(cfg) -> bytes:
                             "copy (web.runtime=/path/to/onnxruntime-web-1.31.1.tgz or its dist folder), or add "
                             "web.enabled=false to export without the page") from None
     check_integrity(resp.content, cfg.runtime_integrity, str(cfg.runtime))
-    atomic_write_bytes(path, resp.content)
+    optional_write(lambda: atomic_write_bytes(path, resp.content), "the ONNX Runtime Web download")
     return resp.content
 
 

@@ -9,14 +9,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import requests
 from hydra.core.global_hydra import GlobalHydra
 
 from pipeline import errors
+from tests import realdata
 
 ROOT = Path(__file__).resolve().parents[1]
 # any valid OpenCV cascade: the export copies the detector it is given (the real one is in ../shared only)
@@ -26,12 +30,14 @@ NO_BROWSER = ("needs headless Chromium driven by Playwright: `apt-get install ch
               "`pip install playwright` (`make test` installs playwright; .ci/run installs chromium)")
 
 
-def run_process(module: str, *overrides: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_process(module: str, *overrides: str, check: bool = True, timeout: int = 900,
+                preexec_fn=None) -> subprocess.CompletedProcess:
     """Run `python -m <module> k=v ...` in a new process from the project root, as `make` does: for what only
-    a process shows (its exit status and everything it prints, warnings included; signals; several at once)."""
+    a process shows (its exit status and everything it prints, warnings included; signals; several at once;
+    limits of its own, set by `preexec_fn`)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
     return checked_run(module, proc, check)
 
 
@@ -151,3 +157,34 @@ def hair_faces(n: int, colours: list[tuple[int, int, int]], seed: int = 0, size:
             img[((xx - cx - side * 0.12) / 0.05) ** 2 + ((yy - cy) / 0.07) ** 2 < 1] = rng.uniform(0, 0.6, 3)
         out[i] = img
     return np.ascontiguousarray((out * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))
+
+
+def local_cascade() -> str:
+    """The real cascade when the test data has it; else OpenCV's own frontal-face cascade, which finds no
+    anime face but lets the upload checks run everywhere."""
+    try:
+        return str(realdata.root_for("cascade") / "cascade" / "lbpcascade_animeface.xml")
+    except pytest.skip.Exception:
+        return cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+
+
+def start_explorer(out, *args, cascade=None) -> tuple[subprocess.Popen, str, str]:
+    """`python -m pipeline.explore` on a free port: the process, the URL it printed last, its log until then."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.explore", f"paths.output_dir={out}", "device=cpu",
+                             "explore.port=0", f"crop.cascade={cascade or local_cascade()}", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(300, proc.kill)
+    timer.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("http://"):
+            timer.cancel()
+            return proc, line.strip(), "".join(lines)
+    timer.cancel()
+    raise AssertionError(f"pipeline.explore printed no URL:\n{''.join(lines)}\n{proc.stderr.read()[-3000:]}")
+
+
+def post(url, path, **body):
+    return requests.post(url + "api/" + path, json=body, timeout=120)

@@ -3,14 +3,9 @@ headless Chromium (Debian's package, driven by Playwright; marked slow, as is a 
 import base64
 import io
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
-import threading
 
-import cv2
 import numpy as np
 import pytest
 import requests
@@ -21,9 +16,7 @@ from pipeline.explore import LoadedRun, BadRequest
 from pipeline.faces import face_tiles, load_cascade
 from pipeline.hair import PALETTE
 from pipeline.images import load_image
-from tests import realdata
-from tests.helpers import ROOT, run_module
-
+from tests.helpers import post, run_module, start_explorer as start
 
 
 @pytest.fixture(scope="module")
@@ -33,43 +26,12 @@ def runs(tiny_runs, tmp_path_factory):
     return shutil.copytree(tiny_runs, tmp_path_factory.mktemp("explore") / "outputs")
 
 
-def local_cascade() -> str:
-    """The real cascade when the test data has it; else OpenCV's own frontal-face cascade, which finds no
-    anime face but lets the upload checks run everywhere."""
-    try:
-        return str(realdata.root_for("cascade") / "cascade" / "lbpcascade_animeface.xml")
-    except pytest.skip.Exception:
-        return cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
-
-
-def start(out, *args, cascade=None) -> tuple[subprocess.Popen, str, str]:
-    """`python -m pipeline.explore` on a free port: the process, the URL it printed last, its log until then."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.explore", f"paths.output_dir={out}", "device=cpu",
-                             "explore.port=0", f"crop.cascade={cascade or local_cascade()}", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    timer = threading.Timer(300, proc.kill)
-    timer.start()
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("http://"):
-            timer.cancel()
-            return proc, line.strip(), "".join(lines)
-    timer.cancel()
-    raise AssertionError(f"pipeline.explore printed no URL:\n{''.join(lines)}\n{proc.stderr.read()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(runs):
     proc, url, _ = start(runs, "explore.max_upload_mb=0.5")
     yield url
     proc.terminate()
     proc.wait(30)
-
-
-def post(url, path, **body):
-    return requests.post(url + "api/" + path, json=body, timeout=120)
 
 
 def pixels(data_url: str) -> np.ndarray:

@@ -17,7 +17,7 @@ from pipeline import load
 from pipeline.attributes import make_slider
 from pipeline.bundle import EXPORT_FORMAT
 from pipeline.config import checked
-from pipeline.errors import PipelineError, RunNotFound
+from pipeline.errors import RunNotFound, WriteError
 from pipeline.explore import BadRequest, Explorer, ExploreJob
 from pipeline.export import write_folder
 from pipeline.faces import only_detector_keys
@@ -184,8 +184,8 @@ def test_bad_destinations_are_refused_and_leave_nothing_behind(tiny_runs, tmp_pa
     assert "cascade=false" in proc.stderr and not (tmp_path / "new").exists()
     read_only = Path("/sys/fs/animeface-export")  # a read-only file system, even for root
     proc = export(tiny_runs, "+obs_std=0.1", f"out={read_only}", check=False)
-    assert proc.returncode == 2 and "cannot write the export into /sys/fs" in proc.stderr
-    with pytest.raises(PipelineError, match="nothing was left there"):
+    assert proc.returncode == 2 and f"out={read_only}: /sys/fs cannot be written (" in proc.stderr
+    with pytest.raises(WriteError, match="cannot write .*/half/config.json/under/a/file.bin: Not a directory"):
         write_folder(tmp_path / "half", {"config.json": b"{}", "config.json/under/a/file.bin": b"x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert export(tiny_runs, "+obs_std=0.3", f"out={tmp_path}/plain", "cascade=false").returncode == 0

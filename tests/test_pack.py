@@ -1,4 +1,3 @@
-import errno
 import json
 
 import numpy as np
@@ -7,7 +6,6 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.pack import PackError, dhash, near_duplicate_groups, pack
-from pipeline.errors import exit_on_error
 from tests.helpers import ROOT, synthetic_faces
 
 CONF = OmegaConf.load(ROOT / "conf/pack/default.yaml")
@@ -85,22 +83,3 @@ def test_too_few_faces_for_the_split_is_an_error_that_writes_nothing(tmp_path):
     with pytest.raises(PackError, match=r"3 unique faces .* both splits need faces.*about 60 groups or more"):
         pack(pack_cfg(tmp_path, faces))
     assert not (tmp_path / "train.npy").exists() and not (tmp_path / "test.npy").exists()
-
-
-def test_a_full_disk_is_one_line_and_keeps_the_earlier_arrays(tmp_path, monkeypatch, capsys):
-    faces = synthetic_tiles(tmp_path / "faces", 60)
-    cfg = pack_cfg(tmp_path, faces, test_fraction=0.3)
-    pack(cfg)
-    before = (tmp_path / "train.npy").read_bytes()
-
-    def full(file, array):
-        file.write(b"\x93NUMPY partial")
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "train.npy"))
-    monkeypatch.setattr(np, "save", full)
-    with pytest.raises(SystemExit) as stop:
-        exit_on_error(pack)(cfg)
-    assert stop.value.code == 2
-    assert capsys.readouterr().err == (f"error: cannot write {tmp_path / 'train.npy'}: No space left on device; free "
-                                       "space, fix its permissions or choose another paths.output_dir / "
-                                       "paths.data_dir (files already written are intact)\n")
-    assert (tmp_path / "train.npy").read_bytes() == before and not list(tmp_path.glob(".*.part"))
