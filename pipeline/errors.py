@@ -130,9 +130,9 @@ class RunFolderCheck(Callback):
 
     def on_run_start(self, config, **kwargs) -> None:
         folder = Path(config.hydra.run.dir)
-        new_folders = [f for f in (folder, *folder.parents) if not f.exists()]
-        probe = folder / f".write-check-{RUN_ID}.part"
+        probe, new_folders = folder / f".write-check-{RUN_ID}.part", []
         try:
+            new_folders = [f for f in (folder, *folder.parents) if not f.exists()]
             folder.mkdir(parents=True, exist_ok=True)
             with open(probe, "wb") as f:
                 f.write(bytes(self.PROBE_BYTES))

@@ -210,7 +210,7 @@ def export_files(cfg, run: Run) -> dict[str, bytes]:
     if cfg.web.enabled:
         about = {"obs_std": run.obs_std, "step": run.ckpt["step"], "decoder": run.decoder_name,
                  "parameters": config["parameters"], "test_elbo": config["test_elbo"]}
-        web = web_files(cfg.web, run.model, prior, hair, run.sliders()[0], about)
+        web = web_files(cfg.web, run.model, prior, hair, run.sliders()[0], about, cfg.crop, cascade)
         files.update({f"{WEB_FOLDER}/{name}": data for name, data in web.items()})
     return files
 
@@ -309,7 +309,9 @@ def usage_lines(has_cascade: bool, has_web: bool) -> list[str]:
     upload = ("The folder carries the detector's cascade: uploads in the explorer work offline."
               if has_cascade else "Exported without the detector's cascade: for uploads in the explorer pass "
               "crop.cascade=/path/to/lbpcascade_animeface.xml.")
-    web = ([f"Without Python: `{WEB_FOLDER}/` is a static web page that draws faces in the browser. Publish it on any "
+    web = ([f"Without Python: `{WEB_FOLDER}/` is a static web page that draws faces in the browser" +
+            (", and finds, encodes and edits the faces of a visitor's own picture there (the picture is never sent "
+             "anywhere)" if has_cascade else "") + ". Publish it on any "
             f"static host, or `python -m http.server -d {WEB_FOLDER} 8000` and open http://localhost:8000/.", ""]
            if has_web else [])
     return ["## Use", "", *web, "With the animeface-vae code installed (`make install`, or `pip install -e .`, in its "

@@ -1,5 +1,6 @@
 """Finding anime faces in a picture with lbpcascade_animeface, as the upstream example does, and cutting
 them out as square tiles. Shared by the crop stage (folders of images) and the explorer (uploads)."""
+import contextlib
 import copy
 import hashlib
 import logging
@@ -95,12 +96,25 @@ def load_cascade(path) -> cv2.CascadeClassifier:
 
 
 def detect_faces(cascade, rgb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (x, y, w, h) and neighbour counts, exactly as the upstream example detects them."""
+    """Boxes (x, y, w, h) and neighbour counts, exactly as the upstream example detects them, in one order: on one
+    OpenCV thread (threads gather the candidates of each scale in whatever order they finish, and the boxes come out
+    in that order), as OpenCV.js in the export's web page runs it."""
     grey = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-    boxes, neighbours = cascade.detectMultiScale2(
-        grey, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
-        minSize=(cfg.min_size, cfg.min_size))
+    with one_opencv_thread():
+        boxes, neighbours = cascade.detectMultiScale2(
+            grey, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
+            minSize=(cfg.min_size, cfg.min_size))
     return np.asarray(boxes, dtype=int).reshape(-1, 4), np.asarray(neighbours, dtype=int).reshape(-1)
+
+
+@contextlib.contextmanager
+def one_opencv_thread():
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def square_crop_box(box, margin: float, width: int, height: int) -> tuple[int, int, int]:

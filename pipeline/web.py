@@ -1,18 +1,26 @@
 """The model as a web page: the `web/` folder of an export, which draws faces in any browser with no Python and no
-server code (pipeline.export writes it; `web.enabled=false` leaves it out).
+server code (pipeline.export writes it; `web.enabled=false` leaves it out), and finds, encodes and edits the faces of a
+visitor's own picture without sending it anywhere.
 
     web/index.html, web/page.js     the page (pipeline/web/), unchanged: no build step
     web/model.json                  what the page needs to know: sizes, the mixture's weights, hair colours, sliders,
-                                    where each tensor lies in prior.bin
+                                    where each tensor lies in prior.bin, the detector's settings
     web/prior.bin                   the stored mixture and each hair colour's Gaussian: means float32, Cholesky factors
                                     float16, lower triangle only (a quarter of prior.safetensors' float64 squares)
     web/decoder.onnx                the default decoder (z -> pixel means in [0, 1]); weights stored as float16 and
                                     cast to float32 inside the graph when that moves no pixel by more than 1/255
     web/ort/                        ONNX Runtime Web's WebAssembly build (npm onnxruntime-web, pinned by version and
-                                    sha512; downloaded once into web.cache_dir, or taken from web.runtime=PATH)
+                                    sha512; downloaded once into web.cache_dir, or taken from web.runtime=PATH); its
+                                    .wasm gzipped (the page unpacks it: 3.8 MB to fetch instead of 14.8)
+    for uploads, fetched by the page only when a visitor first chooses a picture (not when the export has no cascade):
+    web/encoder.onnx                the encoder (pixels in [0, 1] -> codes), float16 weights as the decoder's
+    web/opencv/opencv_js.js.gz      OpenCV.js (npm @opencvjs/web, pinned as the runtime is; gzipped), whose
+                                    CascadeClassifier finds faces exactly as pipeline/faces.py does
+    web/lbpcascade_animeface.xml    the detector's cascade, the export's own copy
 """
 import base64
 import copy
+import gzip
 import hashlib
 import io
 import json
@@ -33,17 +41,18 @@ from pipeline.config import key
 from pipeline.errors import PipelineError
 from pipeline.images import to_uint8
 from pipeline.io import atomic_write_bytes, optional_write
-from pipeline.model import VAE, decode_means
+from pipeline.model import VAE, decode_means, encode_means
 from pipeline.prior import sample_latents
 
 log = logging.getLogger(__name__)
 
 PAGE_DIR = Path(__file__).with_name("web")
 PAGE_FILES = ("index.html", "page.js")
-RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
-WEB_FORMAT = "animeface-vae-web/1"
+WEB_FORMAT = "animeface-vae-web/2"
+CASCADE_NAME = "lbpcascade_animeface.xml"
 OPSET = 17
-FP16_CHECK_CODES = 256  # prior draws decoded both ways to decide the decoder's precision
+FP16_CHECK_CODES = 256  # prior draws decoded (and their faces encoded) both ways to decide the weights' precision
+GZIP_LEVEL = 6  # files the page unpacks itself (DecompressionStream): gzip is the format every browser unpacks
 
 
 @dataclass
@@ -52,74 +61,110 @@ class WebConfig:
     enabled: bool = key()
     runtime: str = key()
     runtime_integrity: str = key()
+    detector: str = key()
+    detector_integrity: str = key()
     cache_dir: str = key()
     precision: str = key(choices=("auto", "fp16", "fp32"))
 
 
-# ---------------------------------------------------------------- ONNX Runtime Web, pinned
+@dataclass(frozen=True)
+class NpmPackage:
+    """A package the page runs, taken from npm's tarball pinned by integrity (or a local copy), and what of it the
+    web folder holds: {path in the package: path in web/} (a .gz path: gzipped)."""
+    what: str
+    key: str  # its keys in the web config: KEY (URL, .tgz or folder) and KEY_integrity
+    files: dict
+    local: str  # what a local folder is, for the messages
 
-def runtime_files(cfg) -> dict[str, bytes]:
-    """ONNX Runtime Web's three WebAssembly-build files: from web.runtime when it is a folder (e.g. an npm install's
-    node_modules/onnxruntime-web/dist) or a .tgz, else the pinned npm tarball (cached in web.cache_dir)."""
-    source = str(cfg.runtime)
+
+RUNTIME = NpmPackage("ONNX Runtime Web", "runtime", {
+    "dist/ort.wasm.min.js": "ort/ort.wasm.min.js", "dist/ort-wasm-simd-threaded.mjs": "ort/ort-wasm-simd-threaded.mjs",
+    "dist/ort-wasm-simd-threaded.wasm": "ort/ort-wasm-simd-threaded.wasm.gz"},
+    "onnxruntime-web-1.31.1.tgz or its dist folder")
+DETECTOR = NpmPackage("OpenCV.js", "detector", {
+    "lib/opencv_js.js": "opencv/opencv_js.js.gz", "LICENSE": "opencv/LICENSE"},
+    "web-4.13.0-release.1.tgz (npm @opencvjs/web) or its package folder")
+RUNTIME_FILES = tuple(Path(name).name for name in RUNTIME.files)
+
+
+# ---------------------------------------------------------------- what the page runs, pinned
+
+def package_files(cfg, package: NpmPackage) -> dict[str, bytes]:
+    """The package's files the web folder holds, by their path in web/ (gzipped where that path ends in .gz): from
+    web.KEY when it is a folder (an npm install's package folder, or the folder its files lie in) or a .tgz, else the
+    pinned npm tarball (cached in web.cache_dir)."""
+    source, integrity = str(cfg[package.key]), cfg[f"{package.key}_integrity"]
     if source.startswith(("http://", "https://")):
-        return from_tarball(cached_tarball(cfg), source)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        missing = [name for name in RUNTIME_FILES if not (path / name).is_file()]
-        if missing:
-            raise PipelineError(f"web.runtime={path} lacks {', '.join(missing)}: point it at onnxruntime-web's dist "
-                                "folder (npm install onnxruntime-web, then node_modules/onnxruntime-web/dist)")
-        return {name: (path / name).read_bytes() for name in RUNTIME_FILES}
-    if path.is_file():
-        data = path.read_bytes()
-        check_integrity(data, cfg.runtime_integrity, str(path))
-        return from_tarball(data, str(path))
-    raise PipelineError(f"web.runtime={path} does not exist: pass onnxruntime-web's dist folder or its npm tarball, "
-                        "leave web.runtime at its registry URL, or add web.enabled=false to export without the page")
+        files = from_tarball(cached_tarball(cfg, package), source, package)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = from_folder(path, package)
+        elif path.is_file():
+            data = path.read_bytes()
+            check_integrity(data, integrity, str(path), package)
+            files = from_tarball(data, str(path), package)
+        else:
+            raise PipelineError(f"web.{package.key}={path} does not exist: pass {package.local}, leave "
+                                f"web.{package.key} at its registry URL, or {without(package)}")
+    return {package.files[name]: gzip.compress(data, GZIP_LEVEL, mtime=0) if package.files[name].endswith(".gz")
+            else data for name, data in files.items()}
 
 
-def cached_tarball(cfg) -> bytes:
-    path = Path(cfg.cache_dir).expanduser() / Path(str(cfg.runtime)).name
+def without(package: NpmPackage) -> str:
+    return ("add cascade=false to export the page without uploads (or web.enabled=false: no page)"
+            if package is DETECTOR else "add web.enabled=false to export without the page")
+
+
+def from_folder(path: Path, package: NpmPackage) -> dict[str, bytes]:
+    found = {name: next((p for p in (path / name, path / Path(name).name) if p.is_file()), None)
+             for name in package.files}
+    missing = [Path(name).name for name, p in found.items() if p is None]
+    if missing:
+        raise PipelineError(f"web.{package.key}={path} lacks {', '.join(missing)}: point it at {package.local}")
+    return {name: p.read_bytes() for name, p in found.items()}
+
+
+def cached_tarball(cfg, package: NpmPackage) -> bytes:
+    url, integrity = str(cfg[package.key]), cfg[f"{package.key}_integrity"]
+    path = Path(cfg.cache_dir).expanduser() / Path(url).name
     if path.is_file():
         data = path.read_bytes()
-        if integrity(data) == cfg.runtime_integrity:
+        if integrity_of(data) == integrity:
             return data
-    log.info("downloading ONNX Runtime Web from %s (once; cached in %s)", cfg.runtime, path.parent)
+    log.info("downloading %s from %s (once; cached in %s)", package.what, url, path.parent)
     try:
-        resp = requests.get(str(cfg.runtime), timeout=120)
+        resp = requests.get(url, timeout=120)
         resp.raise_for_status()
     except requests.RequestException as err:
-        raise PipelineError(f"could not download ONNX Runtime Web from {cfg.runtime} ({err}); offline, pass a local "
-                            "copy (web.runtime=/path/to/onnxruntime-web-1.31.1.tgz or its dist folder), or add "
-                            "web.enabled=false to export without the page") from None
-    check_integrity(resp.content, cfg.runtime_integrity, str(cfg.runtime))
-    optional_write(lambda: atomic_write_bytes(path, resp.content), "the ONNX Runtime Web download")
+        raise PipelineError(f"could not download {package.what} from {url} ({err}); offline, pass a local copy "
+                            f"(web.{package.key}=/path/to/{package.local}), or {without(package)}") from None
+    check_integrity(resp.content, integrity, url, package)
+    optional_write(lambda: atomic_write_bytes(path, resp.content), f"the {package.what} download")
     return resp.content
 
 
-def integrity(data: bytes) -> str:
+def integrity_of(data: bytes) -> str:
     """npm's integrity string of a file: sha512, base64."""
     return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
 
 
-def check_integrity(data: bytes, expected: str, source: str) -> None:
-    if integrity(data) != expected:
-        raise PipelineError(f"{source} is not the pinned ONNX Runtime Web (its integrity is {integrity(data)[:30]}..., "
-                            f"expected {expected[:30]}...); nothing was used. Check web.runtime and "
-                            "web.runtime_integrity")
+def check_integrity(data: bytes, expected: str, source: str, package: NpmPackage) -> None:
+    if integrity_of(data) != expected:
+        raise PipelineError(f"{source} is not the pinned {package.what} (its integrity is {integrity_of(data)[:30]}"
+                            f"..., expected {expected[:30]}...); nothing was used. Check web.{package.key} and "
+                            f"web.{package.key}_integrity")
 
 
-def from_tarball(data: bytes, source: str) -> dict[str, bytes]:
+def from_tarball(data: bytes, source: str, package: NpmPackage) -> dict[str, bytes]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            return {name: tar.extractfile(f"package/dist/{name}").read() for name in RUNTIME_FILES}
+            return {name: tar.extractfile(f"package/{name}").read() for name in package.files}
     except (tarfile.TarError, KeyError, AttributeError, OSError) as err:
-        raise PipelineError(f"{source} is not onnxruntime-web's npm tarball ({err}): pass the .tgz from the npm "
-                            "registry or its dist folder") from None
+        raise PipelineError(f"{source} is not {package.what}'s npm tarball ({err}): pass {package.local}") from None
 
 
-# ---------------------------------------------------------------- the decoder as ONNX
+# ---------------------------------------------------------------- the decoder and the encoder as ONNX
 
 class PixelMeans(nn.Module):
     """z -> pixel means in [0, 1]: what decode_means computes, as one graph."""
@@ -132,18 +177,29 @@ class PixelMeans(nn.Module):
         return torch.sigmoid(self.model.decode(z))
 
 
-def onnx_bytes(model: VAE) -> bytes:
+class CodesOf(nn.Module):
+    """pixels in [0, 1] (N x 3 x H x W) -> encoder means: what encode_means computes, as one graph."""
+
+    def __init__(self, model: VAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model.encode(pixels)[0]
+
+
+def onnx_bytes(graph: nn.Module, example: torch.Tensor, names: tuple[str, str], what: str) -> bytes:
     """The TorchScript exporter: the torch.export one needs onnxscript besides onnx, for a graph this plain (convs,
     transposed convs, batch norms, SiLU) it gains nothing, and torch is pinned, so its deprecation notice is noise."""
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(PixelMeans(model).eval(), (torch.zeros(2, model.latent_dim),), buffer, dynamo=False,
-                              input_names=["z"], output_names=["pixels"], opset_version=OPSET,
-                              dynamic_axes={"z": {0: "n"}, "pixels": {0: "n"}})
+            torch.onnx.export(graph.eval(), (example,), buffer, dynamo=False, input_names=[names[0]],
+                              output_names=[names[1]], opset_version=OPSET,
+                              dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}})
     except Exception as err:  # an operator ONNX cannot express: say which, and export the rest with web.enabled=false
-        raise PipelineError(f"the decoder cannot be written as ONNX ({type(err).__name__}: {str(err)[:300]}); add "
+        raise PipelineError(f"the {what} cannot be written as ONNX ({type(err).__name__}: {str(err)[:300]}); add "
                             "web.enabled=false to export everything but the web page") from None
     return buffer.getvalue()
 
@@ -170,25 +226,56 @@ def stored_as_fp16(graph_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def fp16_error(model: VAE, prior: dict) -> int:
-    """The largest change, in uint8 pixel levels, that rounding the decoder's weights to float16 makes to the faces
-    of FP16_CHECK_CODES draws of the prior."""
-    z = sample_latents(prior, FP16_CHECK_CODES, model.latent_dim, torch.Generator().manual_seed(0))
+def rounded_to_fp16(model: VAE) -> VAE:
+    """A copy whose weights went through float16 and back: what the float16 graphs compute."""
     rounded = copy.deepcopy(model)
     rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
                              for k, v in model.state_dict().items()})
-    exact, approx = to_uint8(decode_means(model, z)), to_uint8(decode_means(rounded.eval(), z))
+    return rounded.eval()
+
+
+def check_codes(model: VAE, prior: dict) -> torch.Tensor:
+    return sample_latents(prior, FP16_CHECK_CODES, model.latent_dim, torch.Generator().manual_seed(0))
+
+
+def fp16_error(model: VAE, prior: dict) -> int:
+    """The largest change, in uint8 pixel levels, that rounding the decoder's weights to float16 makes to the faces
+    of FP16_CHECK_CODES draws of the prior."""
+    z = check_codes(model, prior)
+    exact, approx = to_uint8(decode_means(model, z)), to_uint8(decode_means(rounded_to_fp16(model), z))
     return int((exact.int() - approx.int()).abs().max())
 
 
-def decoder_file(model: VAE, prior: dict, precision: str) -> tuple[bytes, str]:
-    graph = onnx_bytes(model)
+def encoder_fp16_error(model: VAE, prior: dict) -> tuple[int, float]:
+    """What rounding the encoder's weights to float16 does to the faces of FP16_CHECK_CODES prior draws, encoded:
+    the largest change of their reconstructions, in uint8 pixel levels, and of their codes."""
+    faces = to_uint8(decode_means(model, check_codes(model, prior)))
+    exact, approx = encode_means(model, faces), encode_means(rounded_to_fp16(model), faces)
+    pixels = (to_uint8(decode_means(model, exact)).int() - to_uint8(decode_means(model, approx)).int()).abs().max()
+    return int(pixels), float((exact - approx).abs().max())
+
+
+def onnx_file(graph: bytes, error: int, precision: str, what: str) -> tuple[bytes, str]:
+    """float16 weights when asked, or (auto) when they move no pixel by more than 1/255 (`error` levels)."""
     if precision == "auto":
-        error = fp16_error(model, prior)
         precision = "fp16" if error <= 1 else "fp32"
         if precision == "fp32":
-            log.info("float16 weights move pixels by up to %d/255: the web decoder keeps float32", error)
+            log.info("float16 weights move the %s's pixels by up to %d/255: it keeps float32", what, error)
     return (stored_as_fp16(graph) if precision == "fp16" else graph), precision
+
+
+def decoder_file(model: VAE, prior: dict, precision: str) -> tuple[bytes, str]:
+    graph = onnx_bytes(PixelMeans(model), torch.zeros(2, model.latent_dim), ("z", "pixels"), "decoder")
+    return onnx_file(graph, fp16_error(model, prior) if precision == "auto" else 0, precision, "decoder")
+
+
+def encoder_file(model: VAE, prior: dict, precision: str) -> tuple[bytes, str, float]:
+    """The encoder, and the largest change float16 weights make to a code (0 in float32)."""
+    graph = onnx_bytes(CodesOf(model), torch.zeros(2, 3, model.image_size, model.image_size), ("pixels", "z"),
+                       "encoder")
+    pixels, codes = encoder_fp16_error(model, prior)
+    data, precision = onnx_file(graph, pixels, precision, "encoder")
+    return data, precision, codes if precision == "fp16" else 0.0
 
 
 # ---------------------------------------------------------------- what sampling needs, compact
@@ -235,9 +322,24 @@ def sampling_files(model: VAE, prior: dict, hair: dict | None, sliders: dict, ab
     return {"model.json": (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), "prior.bin": packed.bytes()}
 
 
-def web_files(cfg, model: VAE, prior: dict, hair: dict | None, sliders: dict, about: dict) -> dict[str, bytes]:
-    """Every file of the web folder, by its path inside it (the runtime first: a missing one fails fast)."""
-    runtime = {f"ort/{name}": data for name, data in runtime_files(cfg).items()}
+def upload_files(cfg, model: VAE, prior: dict, detector, cascade: bytes) -> tuple[dict[str, bytes], dict]:
+    """What the page loads when a visitor first chooses a picture: the encoder, OpenCV.js and the cascade, and what
+    model.json says of them (the crop config's detector settings: the page finds faces as pipeline/faces.py does)."""
+    encoder, precision, code_error = encoder_file(model, prior, cfg.precision)
+    files = {**package_files(cfg, DETECTOR), "encoder.onnx": encoder, CASCADE_NAME: cascade}
+    settings = {"encoder": "encoder.onnx", "encoder_precision": precision, "encoder_code_error": round(code_error, 6),
+                "opencv": DETECTOR.files["lib/opencv_js.js"], "cascade": CASCADE_NAME,
+                **{k: detector[k] for k in ("scale_factor", "min_neighbors", "min_size", "margin", "max_pixels")}}
+    return files, settings
+
+
+def web_files(cfg, model: VAE, prior: dict, hair: dict | None, sliders: dict, about: dict, detector=None,
+              cascade: bytes | None = None) -> dict[str, bytes]:
+    """Every file of the web folder, by its path inside it (the runtime first: a missing one fails fast); uploads
+    when the export carries the detector's `cascade` (`detector`: the crop config's settings)."""
+    runtime = package_files(cfg, RUNTIME)
+    uploads, upload = upload_files(cfg, model, prior, detector, cascade) if cascade is not None else ({}, None)
     decoder, precision = decoder_file(model, prior, cfg.precision)
-    return {**sampling_files(model, prior, hair, sliders, {**about, "precision": precision}),
-            "decoder.onnx": decoder, **{name: (PAGE_DIR / name).read_bytes() for name in PAGE_FILES}, **runtime}
+    about = {**about, "precision": precision, "upload": upload}
+    return {**sampling_files(model, prior, hair, sliders, about), "decoder.onnx": decoder,
+            **{name: (PAGE_DIR / name).read_bytes() for name in PAGE_FILES}, **runtime, **uploads}

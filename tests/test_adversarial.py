@@ -130,6 +130,7 @@ def test_the_sharp_phase_leaves_the_vae_exactly_as_it_was(tiny_data, tmp_path):
     assert (run / "sharp_samples_epoch001.png").exists() or list(run.glob("sharp_samples_epoch*.png"))
 
 
+@pytest.mark.slow
 def test_trained_beside_the_vae_the_sharp_decoder_leaves_it_exactly_as_it_was(tiny_data, tmp_path):
     common = ["train.max_steps=20", "train.num_threads=2"]
     run_module("pipeline.train", *train_args(tiny_data, tmp_path / "vae", *common))
@@ -151,7 +152,7 @@ def test_trained_beside_the_vae_the_sharp_decoder_leaves_it_exactly_as_it_was(ti
         {s: elbo for s, elbo in alone.items() if elbo} and alone["20"]  # the same ELBOs, the last at the VAE's end
 
 
-@pytest.mark.parametrize("average", ["sharp.ema=0", "sharp.ema=0.9"])
+@pytest.mark.parametrize("average", ["sharp.ema=0", pytest.param("sharp.ema=0.9", marks=pytest.mark.slow)])
 def test_a_resumed_sharp_phase_gives_the_same_weights_as_an_uninterrupted_one(tiny_data, tmp_path, average):
     common = ["train.max_steps=10", "train.ckpt_every=5", "train.num_threads=2", average]
     run_module("pipeline.train", *train_args(tiny_data, tmp_path / "straight", *common, sharp_steps=16))
@@ -174,6 +175,7 @@ def test_a_resumed_sharp_phase_gives_the_same_weights_as_an_uninterrupted_one(ti
     assert refused.returncode == 2 and "sharp.adv_weight=2" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_wider_sharp_decoder_with_r1_and_a_coarse_l1_trains_samples_and_exports(tiny_data, tmp_path):
     run_module("pipeline.train", *train_args(tiny_data, tmp_path, "train.max_steps=6", "sharp.decoder_width=32",
                                              "sharp.r1=1", "sharp.adv_weight=0.5", "sharp.rec_pool=4",
