@@ -99,7 +99,7 @@ def test_the_web_folder_is_the_same_bytes_when_exported_again(site, tiny_runs, r
 
 
 def test_the_decoder_keeps_float32_when_asked_and_matches_all_the_same(tiny_runs, runtime_cache, tmp_path):
-    web_export(tiny_runs, tmp_path / "fp32", "web.precision=fp32", cache=runtime_cache)
+    web_export(tiny_runs, tmp_path / "fp32", "web.precision=fp32", "cascade=false", cache=runtime_cache)
     web = tmp_path / "fp32" / "web"
     assert json.loads((web / "model.json").read_text())["precision"] == "fp32"
     codes = np.random.default_rng(1).standard_normal((8, 32)).astype(np.float32)
