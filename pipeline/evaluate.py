@@ -36,6 +36,7 @@ from pipeline.metrics import InceptionFeatures, features, fid_kid, nearest, shar
 from pipeline.model import evaluate_elbo
 from pipeline.prior import sample_latents
 from pipeline.runs import load_split, open_run
+from pipeline.stored import save_stored
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def cached_features(extractor, images_uint8: np.ndarray, cache_dir: Path, batch_
         return torch.load(path, weights_only=True)
     with tqdm(total=len(images_uint8), desc="inception (real)", unit="img") as progress:
         feats = features(extractor, images_uint8, batch_size, progress)
-    optional_write(lambda: atomic_write(path, lambda f: torch.save(feats, f)), "the real faces' Inception features")
+    optional_write(lambda: save_stored(path, feats), "the real faces' Inception features")
     return feats
 
 

@@ -38,9 +38,10 @@ from pipeline.faces import (CascadeError, DetectorConfig, face_tiles, load_casca
                             resolve_cascade)
 from pipeline.hair import PALETTE
 from pipeline.images import load_image, on_white, to_uint8
-from pipeline.io import after_write_error, atomic_write, optional_write
+from pipeline.io import after_write_error, optional_write
 from pipeline.prior import sample_latents
 from pipeline.runs import Run, find_checkpoint, list_runs, pick_device
+from pipeline.stored import save_stored
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def principal_directions(run: Run, prior: dict | None) -> dict:
     directions = {"mean": mean, "directions": vh, "std": singular / math.sqrt(max(len(codes) - 1, 1)),
                   "variance": (singular ** 2 / (singular ** 2).sum()), "source": source, "step": run.ckpt["step"]}
     # a read-only folder (an export as it was handed over) or a full disk: explored all the same
-    optional_write(lambda: atomic_write(path, lambda f: torch.save(directions, f)), "the principal directions")
+    optional_write(lambda: save_stored(path, directions), "the principal directions")
     return directions
 
 

@@ -4,6 +4,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,14 +108,18 @@ def detect_faces(cascade, rgb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(boxes, dtype=int).reshape(-1, 4), np.asarray(neighbours, dtype=int).reshape(-1)
 
 
+ONE_THREAD = threading.Lock()  # OpenCV's thread count is the process's: one detection sets it at a time
+
+
 @contextlib.contextmanager
 def one_opencv_thread():
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(threads)
+    with ONE_THREAD:
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            yield
+        finally:
+            cv2.setNumThreads(threads)
 
 
 def square_crop_box(box, margin: float, width: int, height: int) -> tuple[int, int, int]:

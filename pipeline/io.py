@@ -17,21 +17,19 @@ os.umask(UMASK)  # read once at import, so that written files get the permission
 
 
 @contextlib.contextmanager
-def writing(path, after: str | None = None):
+def writing(path):
     """Turn a failed write inside the block (disk full, read-only, no permission, a name too long, a file where a
     folder should be, ...: an OSError anywhere in the exception's chain) into a WriteError naming `path` (or the
-    folder the system names) and what the system said; `after` says what was kept and how to go on."""
+    folder the system names) and what the system said (after_write_error adds what was kept and how to go on)."""
     try:
         yield
-    except WriteError as err:
-        raise err.going_on(after) if after else err
     except PipelineError:
         raise
     except Exception as err:
         failure = write_failure(err)
         if failure is None:
             raise
-        raise WriteError(named_path(failure, path), failure, after) from err
+        raise WriteError(named_path(failure, path), failure) from err
 
 
 def named_path(failure: OSError, path) -> str:

@@ -13,10 +13,10 @@ from pipeline.attributes import (colour_sliders, conditioned, hair_for_run, load
 from pipeline.bundle import (CASCADE_FILE, CONFIG_FILE, MODEL_FILE, is_export, read_export, read_hair, read_prior,
                              read_prior_file)
 from pipeline.errors import DataError, PipelineError, RunNotFound
-from pipeline.io import atomic_write, optional_write
+from pipeline.io import optional_write
 from pipeline.model import VAE, decode_means, encode_means
 from pipeline.prior import PRIOR_NAME, answers, checked_mixture, fit_gmm_prior, load_prior, save_prior
-from pipeline.stored import require_finite
+from pipeline.stored import require_finite, save_stored
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,7 @@ class Run:
         if cache.exists():
             return checked_mixture(torch.load(cache, weights_only=True), cache, self.model.latent_dim)
         prior = fit_gmm_prior(self.model, self.split("train"), components, seed, self.encoder_step)
-        optional_write(lambda: atomic_write(cache, lambda f: torch.save(prior, f)),
-                       f"the {components}-component mixture")
+        optional_write(lambda: save_stored(cache, prior), f"the {components}-component mixture")
         return prior
 
     def decode(self, z: torch.Tensor, noise: bool = False, generator=None, model: VAE | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pipeline.errors import PipelineError, RunNotFound
 from pipeline.io import atomic_write
 
 
-def save_stored(path: Path, value: dict) -> Path:
+def save_stored(path: Path, value) -> Path:
     atomic_write(path, lambda f: torch.save(value, f))
     return path
 

@@ -10,13 +10,12 @@ there, so no image is decoded during training. Rank 0 owns every output: checkpo
 resumable to the exact step), metrics.csv, TensorBoard events, grids and the resolved config.
 
 `train()` runs the phases below in order, each a function of its own:
-setup_processes -> load_splits -> build -> (restore_checkpoint) -> RunOutputs -> train_loop -> store_prior.
+setup_processes -> load_splits -> build -> (restore_checkpoint) -> RunOutputs (pipeline/outputs.py) -> train_loop
+-> store_prior.
 The loop runs the VAE's steps, then (sharp.epochs > 0) the sharp decoder's (pipeline/adversarial.py) on the
 frozen VAE's codes, or (sharp.joint_from) both on the same batches from that step: one loop, one checkpoint,
 the step decides what trains.
 """
-import csv
-import io
 import logging
 import math
 import os
@@ -35,8 +34,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from pipeline.adversarial import SHARP_FIELDS, Phases, SharpConfig, SharpPhase, decoder_width_problem
@@ -45,19 +42,15 @@ from pipeline.config import Paths, checked, key
 from pipeline.cpu import FreeCores, allowed_cores
 from pipeline.errors import PipelineError, WriteError, exit_on_error, hydra_output_dir, remove_if_no_results
 from pipeline.images import to_float
-from pipeline.io import AppendOnly, atomic_write, atomic_write_bytes, writing
-from pipeline.model import (VAE, ModelConfig, bits_per_dim, decode_means, encode_means, evaluate_elbo,
-                            negative_elbo, recon_grid)
+from pipeline.io import AppendOnly
+from pipeline.model import VAE, ModelConfig, bits_per_dim, encode_means, evaluate_elbo, negative_elbo
+from pipeline.outputs import RunOutputs, prior_not_stored, stopped_writing
 from pipeline.prior import fit_gmm_prior, load_prior, save_prior
 from pipeline.resume import (Progress, checkpoint_state, command_line_keys, record_resume, resolve_resume,
                              restore_checkpoint, resume_config, rng_states)
-from pipeline.runs import CKPT_NAME, load_split, pick_device
+from pipeline.runs import load_split, pick_device
 
 log = logging.getLogger(__name__)
-
-METRIC_FIELDS = ["step", "epoch", "loss", "nll", "kl", "lr", "img_per_s", "test_elbo", "test_nll",
-                 "test_kl", "test_bpd", *SHARP_FIELDS]
-
 
 class TrainError(PipelineError):
     pass
@@ -275,96 +268,7 @@ def wrap(cfg, parts: Parts, proc: Proc) -> None:
                                             if proc.device.type == "cuda" else None)
 
 
-# ---------------------------------------------------------------- phase 5: rank-0 outputs
-
-class RunOutputs:
-    """The run folder: config.yaml, metrics.csv, TensorBoard events, per-epoch grids and ckpt.pt. Every write goes
-    through pipeline/io.py, so one that fails (a full disk) is a WriteError naming its file; train_loop then stops
-    the run (see stopped_writing)."""
-
-    def __init__(self, cfg, run_dir: Path, resumed_step: int | None):
-        self.cfg, self.run_dir = cfg, run_dir
-        self.ckpt_path = run_dir / CKPT_NAME
-        self.saved_step = resumed_step  # the step of the checkpoint on disk
-        with writing(run_dir):
-            run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(f".{CKPT_NAME}.*.part"):  # left by a save that was killed
-            stale.unlink()
-        if resumed_step is None:
-            claim_run_dir(run_dir)
-        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-        with writing(run_dir / "tb"):
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_step)
-        if resumed_step is not None:
-            drop_rows_after(run_dir / "metrics.csv", resumed_step)
-        new_file = not (run_dir / "metrics.csv").exists()
-        self.metrics = AppendOnly(run_dir / "metrics.csv")
-        if new_file:
-            self.metrics.add(csv_lines([dict(zip(METRIC_FIELDS, METRIC_FIELDS))]))
-
-    def write_row(self, row: dict) -> None:
-        self.metrics.add(csv_lines([row]))
-        with writing(self.run_dir / "tb"):
-            for name, value in row.items():
-                if name != "step":
-                    self.writer.add_scalar(name, value, row["step"])
-
-    def save_grids(self, model: VAE, test: torch.Tensor, epoch: int, prefix: str = "") -> None:
-        """Decoder means of fixed N(0, I) draws, and test faces above their reconstructions."""
-        n = self.cfg.train.grid_n
-        generator = torch.Generator(device=test.device).manual_seed(0)
-        z = torch.randn(n, model.latent_dim, generator=generator, device=test.device)
-        save_png(decode_means(model, z), self.run_dir / f"{prefix}samples_epoch{epoch:03d}.png")
-        save_png(recon_grid(model, test[: n // 2], 8), self.run_dir / f"{prefix}recon_epoch{epoch:03d}.png")
-
-    def save_checkpoint(self, state: dict) -> None:
-        atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
-        self.saved_step = state["step"]
-
-    def close(self, failing: bool = False) -> None:
-        """Flush the TensorBoard events and close the files; when the run is already `failing`, a second failed
-        write here is not reported over the first."""
-        try:
-            with writing(self.run_dir / "tb"):
-                self.writer.close()
-        except WriteError:
-            if not failing:
-                raise
-        finally:
-            self.metrics.close()
-
-
-def save_png(images: torch.Tensor, path: Path) -> None:
-    atomic_write(path, lambda f: save_image(images, f, format="png", nrow=8))
-
-
-def csv_lines(rows: list[dict]) -> str:
-    text = io.StringIO()
-    csv.DictWriter(text, METRIC_FIELDS, lineterminator="\n").writerows(rows)
-    return text.getvalue()
-
-
-def claim_run_dir(run_dir: Path) -> None:
-    """A new run takes its folder exclusively (config.yaml created with O_EXCL)."""
-    with writing(run_dir / "config.yaml"):
-        try:
-            open(run_dir / "config.yaml", "x").close()
-        except FileExistsError:
-            raise TrainError(f"{run_dir} already holds a run (its config.yaml exists): each training needs its own "
-                             "folder; leave hydra.run.dir at its default, or resume=<that folder> to continue it") \
-                from None
-
-
-def drop_rows_after(metrics_csv: Path, step: int) -> None:
-    """Rows logged after the checkpoint a run resumes from are logged again: keep no repeated step (and write
-    today's header: files from before the sharp decoder's columns keep their rows)."""
-    if metrics_csv.exists():
-        lines = metrics_csv.read_text().splitlines(keepends=True)
-        kept = [line for line in lines[1:] if line.endswith("\n") and
-                line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
-        text = csv_lines([dict(zip(METRIC_FIELDS, METRIC_FIELDS)), *csv.DictReader(lines[:1] + kept)])
-        atomic_write_bytes(metrics_csv, text.encode())
-
+# ---------------------------------------------------------------- phase 5: rank-0 outputs (pipeline/outputs.py)
 
 def open_outputs(cfg, proc: Proc, resume_path: Path | None, run_dir: Path | None,
                  step: int) -> tuple[Path, RunOutputs | None]:
@@ -503,7 +407,9 @@ def train_loop(cfg, proc: Proc, parts: Parts, progress: Progress, train_data: to
         signum = run_steps(cfg, proc, parts, progress, train_data, test_data, outputs, phases, stop, meter, bar)
     except WriteError as err:
         faces = (len(train_data), len(test_data))
-        raise stopped_writing(err, cfg, proc, parts, progress, outputs, phases, faces, stop.signum) from None
+        save_now = (lambda: save_checkpoint(cfg, proc, parts, progress, outputs, phases, faces)) \
+            if proc.world == 1 else None  # saving is a collective: the other ranks would wait for it
+        raise stopped_writing(err, outputs, progress.step, stop.signum, save_now) from None
     finally:
         bar.close()
     return signum
@@ -563,32 +469,6 @@ def save_checkpoint(cfg, proc: Proc, parts: Parts, progress: Progress, outputs: 
                                                  faces))
 
 
-def stopped_writing(err: WriteError, cfg, proc: Proc, parts: Parts, progress: Progress, outputs: RunOutputs | None,
-                    phases: Phases, faces: tuple[int, int], signum: int) -> WriteError:
-    """A write that failed stops the run, whatever the file (a disk that refuses a grid or a metrics row would
-    refuse the next checkpoint too, and every step until then would be lost): with one process, a checkpoint is
-    saved first when the failed file was not the checkpoint and the disk still takes it. The error says what was
-    kept and the command that resumes."""
-    if outputs is None:  # another rank: rank 0 reports it
-        return err
-    step, ckpt = progress.step, outputs.ckpt_path
-    stopped = f"the run stopped at step {step}" + (f" (signal {signum})" if signum else "")
-    resume = f"resume with: python -m pipeline.train resume={outputs.run_dir}"
-    if Path(err.path) != ckpt and proc.world == 1:
-        try:
-            save_checkpoint(cfg, proc, parts, progress, outputs, phases, faces)
-            return err.going_on(f"{stopped} and saved its checkpoint {ckpt} there first (nothing is lost); once "
-                                f"that is fixed, {resume}")
-        except WriteError:
-            stopped += " and could not save its checkpoint there either"
-    saved = outputs.saved_step
-    if saved is None:
-        return err.going_on(f"{stopped} before its first checkpoint was written ({steps(step)} lost); once that is "
-                            "fixed, start the training again")
-    return err.going_on(f"{stopped}; its last checkpoint {ckpt} (step {saved}) is intact and {steps(step - saved)} "
-                        f"since were lost; once that is fixed, {resume}")
-
-
 # ---------------------------------------------------------------- all phases
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
@@ -638,18 +518,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     return summary
 
 
-def steps(n: int) -> str:
-    return f"{n} step" + ("" if n == 1 else "s")
-
-
 def store_prior_or_explain(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, outputs: RunOutputs,
                            progress: Progress) -> None:
     try:
         store_prior(cfg, model, train_np, encoder_step, outputs.run_dir)
     except WriteError as err:
-        raise err.going_on(f"the run's checkpoint {outputs.ckpt_path} (step {progress.step}) is saved, but not what "
-                           "sampling needs beside it; once that is fixed, python -m pipeline.train "
-                           f"resume={outputs.run_dir} stores it (no step is trained again)") from None
+        raise prior_not_stored(err, outputs, progress.step) from None
 
 
 def store_prior(cfg, model: VAE, train_np: np.ndarray, encoder_step: int, run_dir: Path) -> None:

@@ -234,25 +234,27 @@ def rounded_to_fp16(model: VAE) -> VAE:
     return rounded.eval()
 
 
-def check_codes(model: VAE, prior: dict) -> torch.Tensor:
-    return sample_latents(prior, FP16_CHECK_CODES, model.latent_dim, torch.Generator().manual_seed(0))
+@dataclass
+class Fp16Effect:
+    """What rounding the weights to float16 does, in uint8 pixel levels: to the faces of FP16_CHECK_CODES prior draws
+    (the decoder), to the reconstructions of those faces (the encoder), and the largest change of their codes."""
+    faces: int
+    reconstructions: int
+    codes: float
 
 
-def fp16_error(model: VAE, prior: dict) -> int:
-    """The largest change, in uint8 pixel levels, that rounding the decoder's weights to float16 makes to the faces
-    of FP16_CHECK_CODES draws of the prior."""
-    z = check_codes(model, prior)
-    exact, approx = to_uint8(decode_means(model, z)), to_uint8(decode_means(rounded_to_fp16(model), z))
-    return int((exact.int() - approx.int()).abs().max())
+def fp16_effect(model: VAE, prior: dict) -> Fp16Effect:
+    z = sample_latents(prior, FP16_CHECK_CODES, model.latent_dim, torch.Generator().manual_seed(0))
+    rounded = rounded_to_fp16(model)
+    faces = to_uint8(decode_means(model, z))
+    exact, approx = encode_means(model, faces), encode_means(rounded, faces)
+    reconstructions = levels(to_uint8(decode_means(model, exact)), to_uint8(decode_means(model, approx)))
+    return Fp16Effect(faces=levels(faces, to_uint8(decode_means(rounded, z))), reconstructions=reconstructions,
+                      codes=float((exact - approx).abs().max()))
 
 
-def encoder_fp16_error(model: VAE, prior: dict) -> tuple[int, float]:
-    """What rounding the encoder's weights to float16 does to the faces of FP16_CHECK_CODES prior draws, encoded:
-    the largest change of their reconstructions, in uint8 pixel levels, and of their codes."""
-    faces = to_uint8(decode_means(model, check_codes(model, prior)))
-    exact, approx = encode_means(model, faces), encode_means(rounded_to_fp16(model), faces)
-    pixels = (to_uint8(decode_means(model, exact)).int() - to_uint8(decode_means(model, approx)).int()).abs().max()
-    return int(pixels), float((exact - approx).abs().max())
+def levels(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((a.int() - b.int()).abs().max())
 
 
 def onnx_file(graph: bytes, error: int, precision: str, what: str) -> tuple[bytes, str]:
@@ -264,18 +266,17 @@ def onnx_file(graph: bytes, error: int, precision: str, what: str) -> tuple[byte
     return (stored_as_fp16(graph) if precision == "fp16" else graph), precision
 
 
-def decoder_file(model: VAE, prior: dict, precision: str) -> tuple[bytes, str]:
+def decoder_file(model: VAE, effect: Fp16Effect | None, precision: str) -> tuple[bytes, str]:
     graph = onnx_bytes(PixelMeans(model), torch.zeros(2, model.latent_dim), ("z", "pixels"), "decoder")
-    return onnx_file(graph, fp16_error(model, prior) if precision == "auto" else 0, precision, "decoder")
+    return onnx_file(graph, effect.faces if effect else 0, precision, "decoder")
 
 
-def encoder_file(model: VAE, prior: dict, precision: str) -> tuple[bytes, str, float]:
+def encoder_file(model: VAE, effect: Fp16Effect | None, precision: str) -> tuple[bytes, str, float]:
     """The encoder, and the largest change float16 weights make to a code (0 in float32)."""
     graph = onnx_bytes(CodesOf(model), torch.zeros(2, 3, model.image_size, model.image_size), ("pixels", "z"),
                        "encoder")
-    pixels, codes = encoder_fp16_error(model, prior)
-    data, precision = onnx_file(graph, pixels, precision, "encoder")
-    return data, precision, codes if precision == "fp16" else 0.0
+    data, precision = onnx_file(graph, effect.reconstructions if effect else 0, precision, "encoder")
+    return data, precision, effect.codes if precision == "fp16" and effect else 0.0
 
 
 # ---------------------------------------------------------------- what sampling needs, compact
@@ -322,10 +323,10 @@ def sampling_files(model: VAE, prior: dict, hair: dict | None, sliders: dict, ab
     return {"model.json": (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), "prior.bin": packed.bytes()}
 
 
-def upload_files(cfg, model: VAE, prior: dict, detector, cascade: bytes) -> tuple[dict[str, bytes], dict]:
+def upload_files(cfg, model: VAE, effect: Fp16Effect | None, detector, cascade: bytes) -> tuple[dict, dict]:
     """What the page loads when a visitor first chooses a picture: the encoder, OpenCV.js and the cascade, and what
     model.json says of them (the crop config's detector settings: the page finds faces as pipeline/faces.py does)."""
-    encoder, precision, code_error = encoder_file(model, prior, cfg.precision)
+    encoder, precision, code_error = encoder_file(model, effect, cfg.precision)
     files = {**package_files(cfg, DETECTOR), "encoder.onnx": encoder, CASCADE_NAME: cascade}
     settings = {"encoder": "encoder.onnx", "encoder_precision": precision, "encoder_code_error": round(code_error, 6),
                 "opencv": DETECTOR.files["lib/opencv_js.js"], "cascade": CASCADE_NAME,
@@ -338,8 +339,9 @@ def web_files(cfg, model: VAE, prior: dict, hair: dict | None, sliders: dict, ab
     """Every file of the web folder, by its path inside it (the runtime first: a missing one fails fast); uploads
     when the export carries the detector's `cascade` (`detector`: the crop config's settings)."""
     runtime = package_files(cfg, RUNTIME)
-    uploads, upload = upload_files(cfg, model, prior, detector, cascade) if cascade is not None else ({}, None)
-    decoder, precision = decoder_file(model, prior, cfg.precision)
+    effect = fp16_effect(model, prior) if cfg.precision != "fp32" else None  # what float16 weights would change
+    uploads, upload = upload_files(cfg, model, effect, detector, cascade) if cascade is not None else ({}, None)
+    decoder, precision = decoder_file(model, effect, cfg.precision)
     about = {**about, "precision": precision, "upload": upload}
     return {**sampling_files(model, prior, hair, sliders, about), "decoder.onnx": decoder,
             **{name: (PAGE_DIR / name).read_bytes() for name in PAGE_FILES}, **runtime, **uploads}
